@@ -1,0 +1,178 @@
+//! Building the proxy from a config: load and validate everything once, bind
+//! the listeners, then serve until told to stop.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::admin::Admin;
+use crate::audit::DecisionLog;
+use crate::authn::{jwt, sigv4, Authenticator, SigV4State};
+use crate::authz::PolicySnapshot;
+use crate::config::Config;
+use crate::listener::{self, ConnSettings};
+use crate::metrics::{Metrics, ResultLabels};
+use crate::pipeline::{self, Shared};
+
+/// Everything parsed and validated from a config, before any socket is bound.
+pub struct Loaded {
+    pub authn: Authenticator,
+    pub policies: PolicySnapshot,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// Loads credentials, key sets, policies and certificates; every error names
+/// its file.
+pub fn load(cfg: &Config) -> Result<Loaded, String> {
+    cfg.validate().map_err(|e| e.to_string())?;
+    let sigv4 = match &cfg.authn.sigv4 {
+        Some(s) => Some(SigV4State {
+            verifier: sigv4::Verifier::new(
+                s.region.0.clone(),
+                s.service.clone(),
+                s.max_skew,
+                sigv4::load_credentials(&s.credentials)?,
+            ),
+            max_body: s.max_body,
+            accounts: cfg.authn.aws.accounts.clone(),
+        }),
+        None => None,
+    };
+    let mut issuers = Vec::new();
+    for j in &cfg.authn.jwt {
+        let Some(file) = &j.jwks_file else {
+            return Err(format!(
+                "[[authn.jwt]] issuer `{}`: `jwks_file` is required",
+                j.issuer
+            ));
+        };
+        issuers.push(
+            jwt::Issuer::load(j.clone(), file)
+                .map_err(|e| format!("[[authn.jwt]] issuer `{}`: {e}", j.issuer))?,
+        );
+    }
+    let authn = Authenticator {
+        sigv4,
+        jwt: jwt::JwtVerifier::new(issuers),
+        mtls_trust_domains: cfg
+            .listener
+            .tls
+            .as_ref()
+            .and_then(|t| t.trust_domains.clone()),
+    };
+    let policies = PolicySnapshot::load(
+        &cfg.authz.policies,
+        &cfg.authz.schema_path(),
+        cfg.authz.mode,
+        &cfg.service.name,
+        cfg.service.arn.as_deref(),
+    )?;
+    let tls = cfg
+        .listener
+        .tls
+        .as_ref()
+        .map(listener::server_config)
+        .transpose()?;
+    Ok(Loaded {
+        authn,
+        policies,
+        tls,
+    })
+}
+
+/// A bound, ready-to-run proxy.
+pub struct App {
+    cfg: Config,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Shared,
+    admin: Admin,
+}
+
+impl App {
+    /// Loads `cfg` and binds the proxy and admin listeners.
+    pub async fn bind(cfg: Config, log: DecisionLog) -> Result<Self, String> {
+        let loaded = load(&cfg)?;
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::register(&mut registry));
+        metrics
+            .policy_reloads
+            .get_or_create(&ResultLabels { result: "ok" })
+            .inc();
+        let listener = listener::bind(cfg.listener.address).await?;
+        let admin_listener = listener::bind(cfg.admin.address).await?;
+        if loaded.tls.is_none() {
+            tracing::warn!("listener is plaintext: for local development only");
+        }
+        let shared = Shared {
+            authn: Arc::new(ArcSwap::from_pointee(loaded.authn)),
+            policies: Arc::new(ArcSwap::from_pointee(loaded.policies)),
+            metrics,
+            log,
+            mode: cfg.authz.mode,
+            identity: cfg.identity.headers,
+            upstream: cfg.upstream.clone(),
+        };
+        Ok(Self {
+            listener,
+            admin_listener,
+            tls: loaded.tls.map(TlsAcceptor::from),
+            shared,
+            admin: Admin {
+                registry: Arc::new(registry),
+                ready: Arc::new(AtomicBool::new(true)),
+            },
+            cfg,
+        })
+    }
+
+    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener.local_addr().ok()
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, reports not
+    /// ready, and drains in-flight requests.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        let settings = ConnSettings {
+            header_read_timeout: self.cfg.runtime.header_read_timeout,
+            drain_timeout: self.cfg.runtime.drain_timeout,
+        };
+        let ready = self.admin.ready.clone();
+        let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin = tokio::spawn(self.admin.serve(self.admin_listener, async {
+            let _ = admin_stopped.await;
+        }));
+        let service = pipeline::build(&self.shared);
+        let shutdown = async move {
+            shutdown.await;
+            ready.store(false, Ordering::Release);
+            tracing::info!("draining");
+        };
+        listener::serve(
+            self.listener,
+            self.tls,
+            service,
+            self.shared.metrics.clone(),
+            settings,
+            shutdown,
+        )
+        .await;
+        let _ = stop_admin.send(());
+        let _ = admin.await;
+    }
+}

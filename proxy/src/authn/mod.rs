@@ -1,0 +1,608 @@
+//! Step 3: authenticate the caller.
+//!
+//! Exactly one credential is read from each request: a SigV4 `Authorization`
+//! header, a bearer JWT, or (when neither is present) the mTLS peer's SPIFFE
+//! ID. Nothing at all yields `Warden::Anonymous`. A credential that is present
+//! but invalid is a 401, never a downgrade to anonymous; so are two credentials.
+
+pub mod jwt;
+pub mod mtls;
+pub mod sigv4;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{header, HeaderMap, Request, Response};
+use http_body_util::{BodyExt, Limited};
+use tower::{Layer, Service};
+
+use crate::body::{self, Body};
+use crate::error::ProxyError;
+use crate::trace::{PeerCert, RawTarget, Trace};
+
+/// The kind of an AWS principal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AwsKind {
+    Role,
+    User,
+}
+
+/// An IAM role or user, with what Cedar's parent chain needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsPrincipal {
+    pub kind: AwsKind,
+    /// The IAM ARN (assumed-role sessions map to their role's ARN).
+    pub arn: String,
+    pub account: String,
+    pub session_name: Option<String>,
+}
+
+impl AwsPrincipal {
+    /// Reads `arn:PARTITION:iam::ACCOUNT:role/…`, `…:user/…` or
+    /// `arn:PARTITION:sts::ACCOUNT:assumed-role/NAME/SESSION`.
+    pub fn from_arn(arn: &str) -> Result<Self, String> {
+        let bad = || format!("`{arn}` is not an IAM role, user or assumed-role ARN");
+        let parts: Vec<&str> = arn.splitn(6, ':').collect();
+        let [prefix, partition, svc, region, account, resource] = parts.as_slice() else {
+            return Err(bad());
+        };
+        if *prefix != "arn" || partition.is_empty() || !region.is_empty() {
+            return Err(bad());
+        }
+        if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let (kind, arn, session_name) = match *svc {
+            "iam" if resource.starts_with("role/") && resource.len() > 5 => {
+                (AwsKind::Role, arn.to_owned(), None)
+            }
+            "iam" if resource.starts_with("user/") && resource.len() > 5 => {
+                (AwsKind::User, arn.to_owned(), None)
+            }
+            "sts" => {
+                let rest = resource.strip_prefix("assumed-role/").ok_or_else(bad)?;
+                let (role, session) = rest.split_once('/').ok_or_else(bad)?;
+                if role.is_empty() || session.is_empty() {
+                    return Err(bad());
+                }
+                (
+                    AwsKind::Role,
+                    format!("arn:{partition}:iam::{account}:role/{role}"),
+                    Some(session.to_owned()),
+                )
+            }
+            _ => return Err(bad()),
+        };
+        Ok(Self {
+            kind,
+            arn,
+            account: (*account).to_owned(),
+            session_name,
+        })
+    }
+}
+
+/// Who is calling, as Cedar sees it (DESIGN §5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    Aws(AwsPrincipal),
+    Spiffe(mtls::SpiffeId),
+    K8s {
+        namespace: String,
+        name: String,
+        cluster: String,
+    },
+    Oidc {
+        sub: String,
+        iss: String,
+    },
+    Anonymous,
+}
+
+impl Principal {
+    /// Entity type and id.
+    pub fn uid(&self) -> (&'static str, String) {
+        match self {
+            Self::Aws(p) => (
+                match p.kind {
+                    AwsKind::Role => "Aws::Role",
+                    AwsKind::User => "Aws::User",
+                },
+                p.arn.clone(),
+            ),
+            Self::Spiffe(id) => ("Spiffe::Id", id.to_string()),
+            Self::K8s {
+                namespace, name, ..
+            } => ("K8s::ServiceAccount", format!("{namespace}/{name}")),
+            Self::Oidc { sub, .. } => ("Oidc::Subject", sub.clone()),
+            Self::Anonymous => ("Warden::Anonymous", "anonymous".to_owned()),
+        }
+    }
+
+    /// The `Type=` of the identity header.
+    pub fn identity_type(&self) -> &'static str {
+        match self {
+            Self::Aws(_) => "AWS_IAM",
+            Self::Spiffe(_) => "SPIFFE",
+            Self::K8s { .. } => "K8S",
+            Self::Oidc { .. } => "OIDC",
+            Self::Anonymous => "Anonymous",
+        }
+    }
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (ty, id) = self.uid();
+        write!(f, "{ty}::{id:?}")
+    }
+}
+
+/// AWS facts for `context.aws` and the identity header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsFacts {
+    pub access_key_id: String,
+    pub org_id: Option<String>,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// The verified caller of one request.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub principal: Principal,
+    /// `"sigv4"`, `"jwt"`, `"mtls"` or `"none"`.
+    pub method: &'static str,
+    pub aws: Option<AwsFacts>,
+    pub jwt: Option<jwt::Claims>,
+}
+
+impl Identity {
+    fn anonymous() -> Self {
+        Self {
+            principal: Principal::Anonymous,
+            method: "none",
+            aws: None,
+            jwt: None,
+        }
+    }
+
+    /// The organization of an AWS principal, if known.
+    pub fn org_id(&self) -> Option<&str> {
+        self.aws.as_ref().and_then(|a| a.org_id.as_deref())
+    }
+}
+
+/// SigV4 settings and credentials, validated at load.
+#[derive(Debug)]
+pub struct SigV4State {
+    pub verifier: sigv4::Verifier,
+    pub max_body: u64,
+    pub accounts: BTreeMap<String, String>,
+}
+
+/// Everything authentication needs, as one immutable snapshot.
+#[derive(Debug, Default)]
+pub struct Authenticator {
+    pub sigv4: Option<SigV4State>,
+    pub jwt: jwt::JwtVerifier,
+    /// SPIFFE trust domains a client certificate may assert (absent = any).
+    pub mtls_trust_domains: Option<Vec<String>>,
+}
+
+const MULTIPLE: &str = "more than one credential presented";
+
+fn unauth(
+    method: &'static str,
+    code: &'static str,
+    reason: impl Into<crate::error::Reason>,
+) -> ProxyError {
+    ProxyError::unauthenticated(method, code, reason)
+}
+
+fn has_presigned_query(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        q.split('&').any(|p| {
+            let k = p.split('=').next().unwrap_or("");
+            k.eq_ignore_ascii_case("X-Amz-Signature")
+                || k.eq_ignore_ascii_case("X-Amz-Credential")
+                || k.eq_ignore_ascii_case("X-Amz-Algorithm")
+        })
+    })
+}
+
+/// The request as SigV4 sees it: method, raw target, headers.
+struct SigV4View<'a> {
+    method: &'a str,
+    raw: &'a RawTarget,
+    headers: &'a HeaderMap,
+    authority: Option<&'a str>,
+}
+
+impl sigv4::SignedRequest for SigV4View<'_> {
+    fn method(&self) -> &str {
+        self.method
+    }
+    fn raw_path(&self) -> &str {
+        &self.raw.path
+    }
+    fn raw_query(&self) -> Option<&str> {
+        self.raw.query.as_deref()
+    }
+    fn header_values(&self, name: &str) -> Vec<&[u8]> {
+        let v: Vec<&[u8]> = self
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        if v.is_empty() && name == "host" {
+            return self.authority.map(str::as_bytes).into_iter().collect();
+        }
+        v
+    }
+}
+
+fn sig_err(e: sigv4::SigError) -> ProxyError {
+    unauth("sigv4", e.code(), e.to_string())
+}
+
+/// Reads the whole body, refusing more than `limit` bytes with 413.
+async fn buffer_body(
+    req: Request<Body>,
+    limit: u64,
+) -> Result<(http::request::Parts, Bytes), ProxyError> {
+    let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ProxyError::PayloadTooLarge);
+    }
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let bytes = Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ProxyError::PayloadTooLarge
+            } else {
+                ProxyError::bad_request("error reading request body")
+            }
+        })?
+        .to_bytes();
+    Ok((parts, bytes))
+}
+
+/// What `x-amz-content-sha256` asks for.
+enum PayloadMode {
+    /// No header: hash the body.
+    Compute,
+    Unsigned,
+    /// The declared hash; the body must match it.
+    Declared(String),
+}
+
+fn payload_mode(headers: &HeaderMap) -> Result<PayloadMode, ProxyError> {
+    let mut values = headers.get_all("x-amz-content-sha256").iter();
+    let Some(v) = values.next() else {
+        return Ok(PayloadMode::Compute);
+    };
+    if values.next().is_some() {
+        return Err(ProxyError::bad_request("repeated x-amz-content-sha256"));
+    }
+    let v = v.to_str().unwrap_or("");
+    if v == sigv4::UNSIGNED_PAYLOAD {
+        Ok(PayloadMode::Unsigned)
+    } else if v.starts_with("STREAMING-") {
+        Err(ProxyError::bad_request(
+            "streaming payload signatures are not supported",
+        ))
+    } else if v.len() == 64
+        && v.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(PayloadMode::Declared(v.to_owned()))
+    } else {
+        Err(ProxyError::bad_request("malformed x-amz-content-sha256"))
+    }
+}
+
+async fn authenticate_sigv4(
+    authn: Arc<Authenticator>,
+    req: Request<Body>,
+) -> Result<(Request<Body>, Identity), ProxyError> {
+    let Some(state) = authn.sigv4.as_ref() else {
+        return Err(unauth("sigv4", "not_configured", "sigv4 is not configured"));
+    };
+    let mode = payload_mode(req.headers())?;
+    let (req, body_hash) = match mode {
+        PayloadMode::Compute => {
+            let (parts, bytes) = buffer_body(req, state.max_body).await?;
+            let hash = sigv4::sha256_hex(&bytes);
+            (Request::from_parts(parts, body::full(bytes)), hash)
+        }
+        PayloadMode::Unsigned => (req, sigv4::UNSIGNED_PAYLOAD.to_owned()),
+        PayloadMode::Declared(h) => (req, h),
+    };
+    let (credential, verified_declared) = {
+        let auth_value = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| sig_err(sigv4::SigError::Malformed("not visible ASCII")))?;
+        let auth = sigv4::parse_authorization(auth_value).map_err(sig_err)?;
+        let missing = RawTarget {
+            path: req.uri().path().to_owned(),
+            query: req.uri().query().map(str::to_owned),
+        };
+        let view = SigV4View {
+            method: req.method().as_str(),
+            raw: req.extensions().get::<RawTarget>().unwrap_or(&missing),
+            headers: req.headers(),
+            authority: req.uri().authority().map(|a| a.as_str()),
+        };
+        let verified = state
+            .verifier
+            .verify(&view, &auth, &body_hash, SystemTime::now())
+            .map_err(sig_err)?;
+        let declared = matches!(payload_mode(req.headers()), Ok(PayloadMode::Declared(_)));
+        (verified.credential.clone(), declared)
+    };
+    // The signature covers the declared hash; now the body must match it.
+    let req = if verified_declared {
+        let (parts, bytes) = buffer_body(req, state.max_body).await?;
+        if sigv4::sha256_hex(&bytes) != body_hash {
+            return Err(unauth(
+                "sigv4",
+                "payload_hash_mismatch",
+                "payload hash mismatch",
+            ));
+        }
+        Request::from_parts(parts, body::full(bytes))
+    } else {
+        req
+    };
+    let principal = AwsPrincipal::from_arn(&credential.principal).map_err(|_| {
+        unauth(
+            "sigv4",
+            "misconfigured",
+            "credential has no usable principal",
+        )
+    })?;
+    let org_id = credential
+        .org_id
+        .clone()
+        .or_else(|| state.accounts.get(&principal.account).cloned());
+    let identity = Identity {
+        principal: Principal::Aws(principal),
+        method: "sigv4",
+        aws: Some(AwsFacts {
+            access_key_id: credential.access_key_id.clone(),
+            org_id,
+            tags: credential.tags.clone(),
+        }),
+        jwt: None,
+    };
+    Ok((req, identity))
+}
+
+/// The one credential a request carries.
+enum Presented {
+    SigV4,
+    Bearer(String),
+    Peer(Option<PeerCert>),
+}
+
+/// Decides which credential a request carries, refusing two or an unknown kind.
+fn presented(req: &Request<Body>) -> Result<Presented, ProxyError> {
+    let mut auths = req.headers().get_all(header::AUTHORIZATION).iter();
+    let auth = auths.next();
+    if auths.next().is_some() {
+        return Err(unauth("none", "multiple_credentials", MULTIPLE));
+    }
+    let presigned = req.extensions().get::<RawTarget>().map_or_else(
+        || has_presigned_query(req.uri().query()),
+        |r| has_presigned_query(r.query.as_deref()),
+    );
+    if presigned {
+        if auth.is_some() {
+            return Err(unauth("sigv4", "multiple_credentials", MULTIPLE));
+        }
+        return Err(unauth(
+            "sigv4",
+            "unsupported",
+            "presigned requests are not supported yet",
+        ));
+    }
+    let Some(value) = auth else {
+        let peer = req
+            .extensions()
+            .get::<Arc<Trace>>()
+            .and_then(|t| t.conn.tls.as_ref())
+            .and_then(|tls| tls.peer.clone());
+        return Ok(Presented::Peer(peer));
+    };
+    let bytes = value.as_bytes();
+    if bytes.starts_with(sigv4::ALGORITHM.as_bytes()) {
+        return Ok(Presented::SigV4);
+    }
+    if bytes.len() > 7 && bytes[..7].eq_ignore_ascii_case(b"bearer ") {
+        let token = std::str::from_utf8(&bytes[7..])
+            .map_err(|_| unauth("jwt", "malformed", "malformed token"))?
+            .trim();
+        if token.starts_with("k8s-aws-v1.") {
+            return Err(unauth(
+                "sts",
+                "unsupported",
+                "STS tokens are not supported yet",
+            ));
+        }
+        return Ok(Presented::Bearer(token.to_owned()));
+    }
+    Err(unauth(
+        "none",
+        "unsupported",
+        "unsupported authorization scheme",
+    ))
+}
+
+/// Verifies the credential a request carries.
+async fn authenticate(
+    authn: Arc<Authenticator>,
+    req: Request<Body>,
+) -> Result<(Request<Body>, Identity), ProxyError> {
+    match presented(&req)? {
+        Presented::SigV4 => authenticate_sigv4(authn, req).await,
+        Presented::Bearer(token) => {
+            let (principal, claims) = authn
+                .jwt
+                .verify(&token)
+                .map_err(|e| unauth("jwt", e.code(), e.to_string()))?;
+            let identity = Identity {
+                principal,
+                method: "jwt",
+                aws: None,
+                jwt: Some(claims),
+            };
+            Ok((req, identity))
+        }
+        Presented::Peer(Some(PeerCert::Spiffe(id))) => {
+            if let Some(tds) = &authn.mtls_trust_domains {
+                if !tds.iter().any(|td| td == id.trust_domain()) {
+                    return Err(unauth("mtls", "trust_domain", "trust domain not allowed"));
+                }
+            }
+            let identity = Identity {
+                principal: Principal::Spiffe(id),
+                method: "mtls",
+                aws: None,
+                jwt: None,
+            };
+            Ok((req, identity))
+        }
+        Presented::Peer(Some(PeerCert::NoSpiffe(reason))) if reason != mtls::NO_URI_SAN => {
+            Err(unauth("mtls", "invalid_spiffe_id", reason))
+        }
+        Presented::Peer(_) => Ok((req, Identity::anonymous())),
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthnLayer {
+    authn: Arc<ArcSwap<Authenticator>>,
+}
+
+impl AuthnLayer {
+    pub fn new(authn: Arc<ArcSwap<Authenticator>>) -> Self {
+        Self { authn }
+    }
+}
+
+impl<S> Layer<S> for AuthnLayer {
+    type Service = Authn<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Authn {
+            inner,
+            authn: self.authn.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Authn<S> {
+    inner: S,
+    authn: Arc<ArcSwap<Authenticator>>,
+}
+
+impl<S> Service<Request<Body>> for Authn<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let snapshot = self.authn.load_full();
+        // Take the service that was driven to readiness; leave a clone behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let trace = req.extensions().get::<Arc<Trace>>().cloned();
+            let result = authenticate(snapshot, req).await;
+            if let Some(t) = &trace {
+                let method = match &result {
+                    Ok((_, id)) => id.method,
+                    Err(ProxyError::Unauthenticated { method, .. }) => method,
+                    Err(_) => "none",
+                };
+                let _ = t.authn.set(method);
+            }
+            let (mut req, identity) = result?;
+            if let Some(t) = &trace {
+                let _ = t.principal.set(identity.principal.to_string());
+            }
+            req.extensions_mut().insert(identity);
+            inner.call(req).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_arns() {
+        let r = AwsPrincipal::from_arn("arn:aws:iam::123456789012:role/orders").unwrap();
+        assert_eq!(r.kind, AwsKind::Role);
+        assert_eq!(r.account, "123456789012");
+        let s =
+            AwsPrincipal::from_arn("arn:aws:sts::123456789012:assumed-role/orders/sess-1").unwrap();
+        assert_eq!(s.arn, "arn:aws:iam::123456789012:role/orders");
+        assert_eq!(s.session_name.as_deref(), Some("sess-1"));
+        let u = AwsPrincipal::from_arn("arn:aws:iam::123456789012:user/alice").unwrap();
+        assert_eq!(u.kind, AwsKind::User);
+        for bad in [
+            "arn:aws:iam::12345:role/x",
+            "arn:aws:s3:::bucket",
+            "arn:aws:iam::123456789012:group/x",
+            "arn:aws:iam::123456789012:role/",
+            "arn:aws:sts::123456789012:assumed-role/x",
+            "not-an-arn",
+        ] {
+            assert!(AwsPrincipal::from_arn(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn principal_display() {
+        let p = Principal::K8s {
+            namespace: "ns".into(),
+            name: "sa".into(),
+            cluster: "c".into(),
+        };
+        assert_eq!(p.to_string(), "K8s::ServiceAccount::\"ns/sa\"");
+        assert_eq!(
+            Principal::Anonymous.to_string(),
+            "Warden::Anonymous::\"anonymous\""
+        );
+    }
+}

@@ -1,0 +1,501 @@
+//! Step 4: decide with Cedar.
+//!
+//! Policies and schema are parsed and strictly validated once, off the request
+//! path, into a [`PolicySnapshot`]. Per request only the principal, resource
+//! and context are built. Default deny; `forbid` wins. Every policy is named
+//! by its `@id` (else `<file>:<index>`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+
+use arc_swap::ArcSwap;
+use cedar_policy::{
+    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
+    PolicySet, Request as CedarRequest, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use http::{HeaderMap, Request, Response};
+use miette::Diagnostic;
+use tower::{Layer, Service};
+
+use crate::authn::{Identity, Principal};
+use crate::body::Body;
+use crate::config::AuthzMode;
+use crate::error::ProxyError;
+use crate::trace::{ConnInfo, Decision, Trace};
+
+/// 1-based line of a byte offset.
+fn line_of(src: &str, offset: usize) -> usize {
+    src.as_bytes()[..offset.min(src.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// `file:line: message`, using the diagnostic's first label when it has one.
+fn located(file: &Path, src: &str, d: &dyn Diagnostic, msg: impl std::fmt::Display) -> String {
+    let line = d
+        .labels()
+        .and_then(|mut l| l.next())
+        .map(|l| line_of(src, l.offset()));
+    let help = d.help().map(|h| format!(" ({h})")).unwrap_or_default();
+    match line {
+        Some(n) => format!("{}:{n}: {msg}{help}", file.display()),
+        None => format!("{}: {msg}{help}", file.display()),
+    }
+}
+
+fn uid(ty: &str, id: &str) -> Result<EntityUid, String> {
+    let ty: EntityTypeName = ty.parse().map_err(|e| format!("entity type `{ty}`: {e}"))?;
+    Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
+}
+
+/// The parsed, validated policy set and everything a decision needs.
+pub struct PolicySnapshot {
+    schema: Schema,
+    policies: PolicySet,
+    /// Method -> its action entity (member of `Action::"invoke"`).
+    actions: HashMap<String, Entity>,
+    invoke: Option<Entity>,
+    authorizer: Authorizer,
+    /// Hash of the active set, for the decision log.
+    pub hash: Arc<str>,
+    pub mode: AuthzMode,
+    service: String,
+    service_arn: Option<String>,
+}
+
+impl std::fmt::Debug for PolicySnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicySnapshot")
+            .field("policies", &self.policies.policies().count())
+            .field("hash", &self.hash)
+            .finish()
+    }
+}
+
+impl PolicySnapshot {
+    /// Loads every `*.cedar` in `dir`, validates strictly against `schema_path`.
+    pub fn load(
+        dir: &Path,
+        schema_path: &Path,
+        mode: AuthzMode,
+        service: &str,
+        service_arn: Option<&str>,
+    ) -> Result<Self, String> {
+        let schema_src = std::fs::read_to_string(schema_path)
+            .map_err(|e| format!("{}: {e}", schema_path.display()))?;
+        let (schema, _warnings) = Schema::from_cedarschema_str(&schema_src)
+            .map_err(|e| located(schema_path, &schema_src, &e, &e))?;
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "cedar") && p.is_file())
+            .collect();
+        files.sort();
+        let validator = Validator::new(schema.clone());
+        let mut policies = PolicySet::new();
+        let mut names: BTreeMap<String, String> = BTreeMap::new();
+        let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        for file in &files {
+            let src =
+                std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            digest.update(
+                file.file_name()
+                    .map(|n| n.as_encoded_bytes())
+                    .unwrap_or_default(),
+            );
+            digest.update(src.as_bytes());
+            let pset: PolicySet = src
+                .parse()
+                .map_err(|e: cedar_policy::ParseErrors| located(file, &src, &e, &e))?;
+            if pset.templates().next().is_some() {
+                return Err(format!(
+                    "{}: policy templates are not supported",
+                    file.display()
+                ));
+            }
+            let result = validator.validate(&pset, ValidationMode::Strict);
+            if let Some(e) = result.validation_errors().next() {
+                return Err(located(file, &src, e, e));
+            }
+            let stem = file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            for (index, policy) in pset.policies().enumerate() {
+                let name = policy
+                    .annotation("id")
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("{stem}:{index}"));
+                if let Some(prev) = names.insert(name.clone(), stem.clone()) {
+                    return Err(format!(
+                        "{}: policy id `{name}` is already used in {prev}",
+                        file.display()
+                    ));
+                }
+                policies
+                    .add(policy.new_id(PolicyId::new(&name)))
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+            }
+        }
+        let action_entities = schema
+            .action_entities()
+            .map_err(|e| format!("{}: {e}", schema_path.display()))?;
+        let mut actions = HashMap::new();
+        let mut invoke = None;
+        for e in action_entities.iter() {
+            let id = e.uid().id().unescaped().to_owned();
+            if id == "invoke" {
+                invoke = Some(e.clone());
+            } else {
+                actions.insert(id, e.clone());
+            }
+        }
+        Ok(Self {
+            schema,
+            policies,
+            actions,
+            invoke,
+            authorizer: Authorizer::new(),
+            hash: Arc::from(hex::encode(&digest.finish().as_ref()[..8])),
+            mode,
+            service: service.to_owned(),
+            service_arn: service_arn.map(str::to_owned),
+        })
+    }
+
+    /// Whether the schema declares this method as an action.
+    pub fn knows_method(&self, method: &str) -> bool {
+        self.actions.contains_key(method)
+    }
+
+    /// Decides one request. `Err` only for requests that cannot be expressed.
+    pub fn decide(&self, input: &AuthzInput<'_>) -> Result<Decision, ProxyError> {
+        let action = self
+            .actions
+            .get(input.method)
+            .ok_or(ProxyError::MethodNotAllowed)?;
+        let internal = |e: String| {
+            tracing::warn!(error = %e, "authorization request could not be built");
+            ProxyError::Forbidden
+        };
+        let mut entities = Vec::with_capacity(16);
+        let principal = principal_entities(input.identity, &mut entities).map_err(internal)?;
+        let resource = path_entities(input.path, &self.service, &mut entities).map_err(internal)?;
+        entities.push(action.clone());
+        if let Some(invoke) = &self.invoke {
+            entities.push(invoke.clone());
+        }
+        let context = self.context(input, &mut entities).map_err(internal)?;
+        let entities =
+            Entities::from_entities(entities, None).map_err(|e| internal(e.to_string()))?;
+        let request = CedarRequest::new(
+            principal,
+            action.uid(),
+            resource,
+            context,
+            Some(&self.schema),
+        )
+        .map_err(|e| internal(e.to_string()))?;
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.policies, &entities);
+        for err in response.diagnostics().errors() {
+            tracing::warn!(error = %err, "policy evaluation error");
+        }
+        Ok(Decision {
+            allow: response.decision() == cedar_policy::Decision::Allow,
+            policies: response
+                .diagnostics()
+                .reason()
+                .map(|id| id.to_string())
+                .collect(),
+            policy_set: self.hash.clone(),
+        })
+    }
+
+    fn context(
+        &self,
+        input: &AuthzInput<'_>,
+        entities: &mut Vec<Entity>,
+    ) -> Result<Context, String> {
+        let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
+        let headers_uid = uid("Http::Headers", "request")?;
+        let query_uid = uid("Http::Query", "request")?;
+        entities.push(tag_entity(headers_uid.clone(), header_tags(input.headers))?);
+        entities.push(tag_entity(query_uid.clone(), query_tags(input.query))?);
+        let mut pairs = vec![
+            ("method".to_owned(), s(input.method)),
+            ("path".to_owned(), s(input.path)),
+            ("host".to_owned(), s(input.host.unwrap_or(""))),
+            (
+                "port".to_owned(),
+                RestrictedExpression::new_long(i64::from(input.conn.local.port())),
+            ),
+            (
+                "source_ip".to_owned(),
+                RestrictedExpression::new_ip(input.conn.peer.ip().to_string()),
+            ),
+            ("authn".to_owned(), s(input.identity.method)),
+            (
+                "headers".to_owned(),
+                RestrictedExpression::new_entity_uid(headers_uid),
+            ),
+            (
+                "query".to_owned(),
+                RestrictedExpression::new_entity_uid(query_uid),
+            ),
+        ];
+        if let Some(arn) = &self.service_arn {
+            pairs.push(("service_arn".to_owned(), s(arn)));
+        }
+        if let Some(tls) = &input.conn.tls {
+            let mut rec = vec![("version".to_owned(), s(tls.version))];
+            if let Some(crate::trace::PeerCert::Spiffe(id)) = &tls.peer {
+                rec.push(("peer_spiffe_id".to_owned(), s(&id.to_string())));
+            }
+            pairs.push(("tls".to_owned(), record(rec)?));
+        }
+        if let (Some(aws), Principal::Aws(p)) = (&input.identity.aws, &input.identity.principal) {
+            let mut rec = vec![
+                ("access_key_id".to_owned(), s(&aws.access_key_id)),
+                ("account".to_owned(), s(&p.account)),
+            ];
+            if let Some(org) = &aws.org_id {
+                rec.push(("org_id".to_owned(), s(org)));
+            }
+            if let Some(sess) = &p.session_name {
+                rec.push(("session_name".to_owned(), s(sess)));
+            }
+            pairs.push(("aws".to_owned(), record(rec)?));
+        }
+        if let Some(claims) = &input.identity.jwt {
+            let mut rec = vec![("iss".to_owned(), s(&claims.iss))];
+            if let Some(sub) = &claims.sub {
+                rec.push(("sub".to_owned(), s(sub)));
+            }
+            pairs.push(("jwt".to_owned(), record(rec)?));
+        }
+        Context::from_pairs(pairs).map_err(|e| e.to_string())
+    }
+}
+
+fn record(fields: Vec<(String, RestrictedExpression)>) -> Result<RestrictedExpression, String> {
+    RestrictedExpression::new_record(fields).map_err(|e| e.to_string())
+}
+
+fn tag_entity(uid: EntityUid, tags: BTreeMap<String, Vec<String>>) -> Result<Entity, String> {
+    let tags = tags.into_iter().map(|(k, vs)| {
+        (
+            k,
+            RestrictedExpression::new_set(vs.into_iter().map(RestrictedExpression::new_string)),
+        )
+    });
+    Entity::new_with_tags(uid, [], [], tags).map_err(|e| e.to_string())
+}
+
+/// Header name -> all its values (values that are not UTF-8 are left out).
+fn header_tags(headers: &HeaderMap) -> BTreeMap<String, Vec<String>> {
+    let mut tags: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, value) in headers {
+        if let Ok(v) = value.to_str() {
+            tags.entry(name.as_str().to_owned())
+                .or_default()
+                .push(v.to_owned());
+        }
+    }
+    tags
+}
+
+/// Query key -> all its values, percent-decoded.
+fn query_tags(query: Option<&str>) -> BTreeMap<String, Vec<String>> {
+    let mut tags: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let dec = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        tags.entry(dec(k)).or_default().push(dec(v));
+    }
+    tags
+}
+
+/// Builds the principal and its parent chain (DESIGN §5).
+fn principal_entities(identity: &Identity, out: &mut Vec<Entity>) -> Result<EntityUid, String> {
+    let (ty, id) = identity.principal.uid();
+    let me = uid(ty, &id)?;
+    let mut parents = Vec::new();
+    let mut tags = Vec::new();
+    match &identity.principal {
+        Principal::Aws(p) => {
+            let account = uid("Aws::Account", &p.account)?;
+            let mut account_parents = Vec::new();
+            if let Some(org) = identity.org_id() {
+                let org = uid("Aws::Org", org)?;
+                out.push(Entity::new_no_attrs(org.clone(), Default::default()));
+                account_parents.push(org);
+            }
+            out.push(Entity::new_no_attrs(
+                account.clone(),
+                account_parents.into_iter().collect(),
+            ));
+            parents.push(account);
+            if let Some(aws) = &identity.aws {
+                tags = aws
+                    .tags
+                    .iter()
+                    .map(|(k, v)| (k.clone(), RestrictedExpression::new_string(v.clone())))
+                    .collect();
+            }
+        }
+        Principal::Spiffe(sid) => {
+            let td = uid("Spiffe::TrustDomain", sid.trust_domain())?;
+            out.push(Entity::new_no_attrs(td.clone(), Default::default()));
+            parents.push(td);
+        }
+        Principal::K8s {
+            namespace, cluster, ..
+        } => {
+            let cl = uid("K8s::Cluster", cluster)?;
+            let ns = uid("K8s::Namespace", namespace)?;
+            out.push(Entity::new_no_attrs(cl.clone(), Default::default()));
+            out.push(Entity::new_no_attrs(ns.clone(), [cl].into_iter().collect()));
+            parents.push(ns);
+        }
+        Principal::Oidc { iss, .. } => {
+            let is = uid("Oidc::Issuer", iss)?;
+            out.push(Entity::new_no_attrs(is.clone(), Default::default()));
+            parents.push(is);
+        }
+        Principal::Anonymous => {}
+    }
+    out.push(Entity::new_with_tags(me.clone(), [], parents, tags).map_err(|e| e.to_string())?);
+    Ok(me)
+}
+
+/// The resource `Http::Path::"<path>"` with its segment-aware ancestors, all
+/// in `Http::Service::"<service>"`.
+fn path_entities(path: &str, service: &str, out: &mut Vec<Entity>) -> Result<EntityUid, String> {
+    let svc = uid("Http::Service", service)?;
+    out.push(Entity::new_no_attrs(svc.clone(), Default::default()));
+    let me = uid("Http::Path", path)?;
+    let mut parents = vec![svc];
+    if !path.ends_with('/') {
+        parents.push(uid("Http::Path", &format!("{path}/"))?);
+    }
+    for (i, _) in path.match_indices('/') {
+        let prefix = &path[..=i];
+        if prefix != path {
+            parents.push(uid("Http::Path", prefix)?);
+        }
+    }
+    out.push(Entity::new_no_attrs(
+        me.clone(),
+        parents.into_iter().collect(),
+    ));
+    Ok(me)
+}
+
+/// What one decision needs to know about the request.
+pub struct AuthzInput<'a> {
+    pub identity: &'a Identity,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+    pub host: Option<&'a str>,
+    pub conn: &'a ConnInfo,
+}
+
+#[derive(Clone)]
+pub struct AuthzLayer {
+    policies: Arc<ArcSwap<PolicySnapshot>>,
+}
+
+impl AuthzLayer {
+    pub fn new(policies: Arc<ArcSwap<PolicySnapshot>>) -> Self {
+        Self { policies }
+    }
+}
+
+impl<S> Layer<S> for AuthzLayer {
+    type Service = Authz<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Authz {
+            inner,
+            policies: self.policies.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Authz<S> {
+    inner: S,
+    policies: Arc<ArcSwap<PolicySnapshot>>,
+}
+
+type BoxFut = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+impl<S> Service<Request<Body>> for Authz<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = futures_util::future::Either<S::Future, BoxFut>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        match self.authorize(&req) {
+            Ok(()) => futures_util::future::Either::Left(self.inner.call(req)),
+            Err(e) => futures_util::future::Either::Right(Box::pin(async move { Err(e) })),
+        }
+    }
+}
+
+impl<S> Authz<S> {
+    fn authorize(&self, req: &Request<Body>) -> Result<(), ProxyError> {
+        let snapshot = self.policies.load();
+        let trace = req.extensions().get::<Arc<Trace>>();
+        let (Some(identity), Some(trace)) = (req.extensions().get::<Identity>(), trace) else {
+            // Fail closed: the pipeline always provides both.
+            return Err(ProxyError::Forbidden);
+        };
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()));
+        let input = AuthzInput {
+            identity,
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+            host,
+            conn: &trace.conn,
+        };
+        let _ = trace.action.set(format!("Action::{:?}", input.method));
+        let _ = trace.resource.set(format!("Http::Path::{:?}", input.path));
+        let decision = snapshot.decide(&input)?;
+        let allow = decision.allow;
+        let _ = trace.decision.set(decision);
+        if allow || snapshot.mode == AuthzMode::Audit {
+            Ok(())
+        } else {
+            Err(ProxyError::Forbidden)
+        }
+    }
+}

@@ -1,0 +1,680 @@
+//! Configuration: TOML per DESIGN §4, every key overridable as
+//! `WARDEN_SECTION__KEY`. Unknown keys are errors that name the key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{de, Deserialize, Deserializer};
+
+/// A configuration problem, pointing at the file (and line, where known).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl ConfigError {
+    pub fn new(msg: impl Into<String>) -> Self {
+        Self(msg.into())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub listener: ListenerConfig,
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub service: ServiceConfig,
+    #[serde(default)]
+    pub authn: AuthnConfig,
+    #[serde(default)]
+    pub authz: AuthzConfig,
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    #[serde(default = "default_listener")]
+    pub address: SocketAddr,
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            address: default_listener(),
+            tls: None,
+        }
+    }
+}
+
+fn default_listener() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15001))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    /// SPIFFE trust domains a client certificate may assert (absent = any).
+    pub trust_domains: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    #[default]
+    Required,
+    Optional,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    #[serde(default = "default_upstream")]
+    pub address: UpstreamAddr,
+    #[serde(default = "secs::<1>", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(default = "secs::<30>", deserialize_with = "duration")]
+    pub request_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            address: default_upstream(),
+            connect_timeout: secs::<1>(),
+            request_timeout: secs::<30>(),
+        }
+    }
+}
+
+fn default_upstream() -> UpstreamAddr {
+    UpstreamAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 8080)))
+}
+
+/// Where the local service listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for UpstreamAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(de::Error::custom("`unix:` needs a socket path"));
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        s.parse().map(Self::Tcp).map_err(|_| {
+            de::Error::custom(format!(
+                "invalid upstream address `{s}`: expected `ip:port` or `unix:/path`"
+            ))
+        })
+    }
+}
+
+impl fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin")]
+    pub address: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            address: default_admin(),
+        }
+    }
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15090))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    #[serde(default = "default_service")]
+    pub name: String,
+    pub arn: Option<String>,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            name: default_service(),
+            arn: None,
+        }
+    }
+}
+
+fn default_service() -> String {
+    "local".to_owned()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthnConfig {
+    pub sigv4: Option<SigV4Config>,
+    pub sts: Option<StsConfig>,
+    #[serde(default)]
+    pub aws: AwsConfig,
+    #[serde(default)]
+    pub jwt: Vec<JwtIssuerConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigV4Config {
+    #[serde(default = "default_region")]
+    pub region: OneOrMany,
+    #[serde(default = "default_sigv4_service")]
+    pub service: String,
+    pub credentials: PathBuf,
+    #[serde(default = "secs::<300>", deserialize_with = "duration")]
+    pub max_skew: Duration,
+    #[serde(default = "default_max_body", deserialize_with = "size")]
+    pub max_body: u64,
+    #[serde(default)]
+    pub replay_guard: bool,
+}
+
+fn default_region() -> OneOrMany {
+    OneOrMany(vec!["us-east-1".to_owned()])
+}
+
+fn default_sigv4_service() -> String {
+    "vpc-lattice-svcs".to_owned()
+}
+
+fn default_max_body() -> u64 {
+    1024 * 1024
+}
+
+/// A string or a list of strings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OneOrMany(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(match Raw::deserialize(d)? {
+            Raw::One(s) => Self(vec![s]),
+            Raw::Many(v) => Self(v),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StsConfig {
+    pub endpoint: String,
+    #[serde(default = "default_audience_header")]
+    pub audience_header: String,
+    pub audience: Option<String>,
+    #[serde(default = "secs::<300>", deserialize_with = "duration")]
+    pub cache_ttl: Duration,
+}
+
+fn default_audience_header() -> String {
+    "x-k8s-aws-id".to_owned()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// Account id -> organization id.
+    #[serde(default)]
+    pub accounts: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtIssuerConfig {
+    pub issuer: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub jwks_uri: Option<String>,
+    pub jwks_file: Option<PathBuf>,
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    pub principal: PrincipalKind,
+    /// Cluster name for `k8s` issuers (default: the issuer URL).
+    pub cluster: Option<String>,
+    /// Trust domains a `spiffe` issuer may assert (absent = any).
+    pub trust_domains: Option<Vec<String>>,
+    #[serde(default = "secs::<60>", deserialize_with = "duration")]
+    pub leeway: Duration,
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".to_owned(), "ES256".to_owned()]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrincipalKind {
+    K8s,
+    Spiffe,
+    Oidc,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzConfig {
+    #[serde(default = "default_policies")]
+    pub policies: PathBuf,
+    /// Default: `schema.cedarschema` inside the policy directory.
+    pub schema: Option<PathBuf>,
+    #[serde(default)]
+    pub mode: AuthzMode,
+}
+
+impl Default for AuthzConfig {
+    fn default() -> Self {
+        Self {
+            policies: default_policies(),
+            schema: None,
+            mode: AuthzMode::default(),
+        }
+    }
+}
+
+impl AuthzConfig {
+    pub fn schema_path(&self) -> PathBuf {
+        self.schema
+            .clone()
+            .unwrap_or_else(|| self.policies.join("schema.cedarschema"))
+    }
+}
+
+fn default_policies() -> PathBuf {
+    PathBuf::from("policies")
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthzMode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+impl AuthzMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    #[serde(default)]
+    pub headers: IdentityHeaders,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityHeaders {
+    #[default]
+    Lattice,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    pub workers: Option<usize>,
+    #[serde(default = "secs::<15>", deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+    #[serde(default = "secs::<10>", deserialize_with = "duration")]
+    pub header_read_timeout: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            workers: None,
+            drain_timeout: secs::<15>(),
+            header_read_timeout: secs::<10>(),
+        }
+    }
+}
+
+fn secs<const N: u64>() -> Duration {
+    Duration::from_secs(N)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).ok_or_else(|| {
+        de::Error::custom(format!(
+            "invalid duration `{s}`: expected a number and a unit (ms, s, m, h), like `5s`"
+        ))
+    })
+}
+
+/// Parses `"500ms"`, `"5s"`, `"5m"`, `"1h"`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        _ => return None,
+    })
+}
+
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        N(u64),
+        S(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::N(n) => Ok(n),
+        Raw::S(s) => parse_size(&s).ok_or_else(|| {
+            de::Error::custom(format!(
+                "invalid size `{s}`: expected bytes or a unit (KiB, MiB, KB, MB), like `1MiB`"
+            ))
+        }),
+    }
+}
+
+/// Parses `"1MiB"`, `"512KiB"`, `"1MB"`, `"1024"`.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+impl Config {
+    /// The embedded default: plaintext dev listener, local upstream, `./policies`.
+    pub fn embedded() -> Self {
+        Self::from_toml_str("", Path::new("<embedded>"), std::iter::empty())
+            .unwrap_or_else(|_| unreachable_default())
+    }
+
+    /// Loads a file, applies `WARDEN_*` environment overrides, resolves
+    /// relative paths against the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(format!("{}: {e}", path.display())))?;
+        let mut cfg = Self::from_toml_str(&text, path, std::env::vars())?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve_paths(base);
+        Ok(cfg)
+    }
+
+    /// Parses TOML text with the given environment (only `WARDEN_*` names count).
+    pub fn from_toml_str(
+        text: &str,
+        origin: &Path,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let overrides: Vec<(String, String)> = env
+            .filter(|(k, _)| k.starts_with("WARDEN_") && k.contains("__"))
+            .collect();
+        if overrides.is_empty() {
+            return toml::from_str(text)
+                .map_err(|e| ConfigError::new(format!("{}: {e}", origin.display())));
+        }
+        let mut table: toml::Table = toml::from_str(text)
+            .map_err(|e| ConfigError::new(format!("{}: {e}", origin.display())))?;
+        for (key, value) in &overrides {
+            apply_override(&mut table, key, value)?;
+        }
+        let names: Vec<&str> = overrides.iter().map(|(k, _)| k.as_str()).collect();
+        toml::Value::Table(table).try_into().map_err(|e| {
+            ConfigError::new(format!(
+                "{} with environment overrides {}: {e}",
+                origin.display(),
+                names.join(", ")
+            ))
+        })
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(tls) = &mut self.listener.tls {
+            fix(&mut tls.cert);
+            fix(&mut tls.key);
+            if let Some(ca) = &mut tls.client_ca {
+                fix(ca);
+            }
+        }
+        if let Some(s) = &mut self.authn.sigv4 {
+            fix(&mut s.credentials);
+        }
+        for j in &mut self.authn.jwt {
+            if let Some(f) = &mut j.jwks_file {
+                fix(f);
+            }
+        }
+        fix(&mut self.authz.policies);
+        if let Some(s) = &mut self.authz.schema {
+            fix(s);
+        }
+        if let UpstreamAddr::Unix(p) = &mut self.upstream.address {
+            fix(p);
+        }
+    }
+
+    /// Refuses what parses but is not supported yet, and inconsistent settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.authn.sts.is_some() {
+            return Err(ConfigError::new(
+                "[authn.sts]: STS-backed tokens are not supported yet",
+            ));
+        }
+        let mut clusters = std::collections::BTreeSet::new();
+        for j in &self.authn.jwt {
+            if j.jwks_uri.is_some() {
+                return Err(ConfigError::new(format!(
+                    "[[authn.jwt]] issuer `{}`: `jwks_uri` is not supported yet; use `jwks_file`",
+                    j.issuer
+                )));
+            }
+            if j.jwks_file.is_none() {
+                return Err(ConfigError::new(format!(
+                    "[[authn.jwt]] issuer `{}`: `jwks_file` is required",
+                    j.issuer
+                )));
+            }
+            if j.principal == PrincipalKind::K8s {
+                let cluster = j.cluster.clone().unwrap_or_else(|| j.issuer.clone());
+                if !clusters.insert(cluster.clone()) {
+                    return Err(ConfigError::new(format!(
+                        "[[authn.jwt]]: two k8s issuers name the cluster `{cluster}`"
+                    )));
+                }
+            }
+        }
+        if let Some(s) = &self.authn.sigv4 {
+            if s.region.0.is_empty() {
+                return Err(ConfigError::new("[authn.sigv4] `region` must not be empty"));
+            }
+        }
+        if self.runtime.workers == Some(0) {
+            return Err(ConfigError::new("[runtime] `workers` must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+fn unreachable_default() -> Config {
+    // An empty document always deserializes: every section has a default.
+    Config {
+        listener: ListenerConfig::default(),
+        upstream: UpstreamConfig::default(),
+        admin: AdminConfig::default(),
+        service: ServiceConfig::default(),
+        authn: AuthnConfig::default(),
+        authz: AuthzConfig::default(),
+        identity: IdentityConfig::default(),
+        runtime: RuntimeConfig::default(),
+    }
+}
+
+/// `WARDEN_LISTENER__TLS__CERT=/x` sets `listener.tls.cert`.
+fn apply_override(table: &mut toml::Table, key: &str, value: &str) -> Result<(), ConfigError> {
+    let path: Vec<String> = key["WARDEN_".len()..]
+        .split("__")
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    if path.iter().any(|p| p.is_empty()) {
+        return Err(ConfigError::new(format!(
+            "environment variable `{key}`: empty section or key"
+        )));
+    }
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let (last, sections) = match path.split_last() {
+        Some(x) => x,
+        None => return Ok(()),
+    };
+    let mut cur = table;
+    for section in sections {
+        let entry = cur
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = match entry {
+            toml::Value::Table(t) => t,
+            _ => {
+                return Err(ConfigError::new(format!(
+                    "environment variable `{key}`: `{section}` is not a section"
+                )))
+            }
+        };
+    }
+    cur.insert(last.clone(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text, Path::new("t.toml"), std::iter::empty())
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("[listener]\naddres = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(err.0.contains("addres"), "{err}");
+        assert!(err.0.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_size("1MiB"), Some(1 << 20));
+        assert_eq!(parse_size("10"), Some(10));
+        assert_eq!(parse_size("1 furlong"), None);
+    }
+
+    #[test]
+    fn env_overrides_nested_keys() {
+        let env = vec![
+            (
+                "WARDEN_UPSTREAM__ADDRESS".to_owned(),
+                "unix:/run/app.sock".to_owned(),
+            ),
+            ("WARDEN_RUNTIME__WORKERS".to_owned(), "3".to_owned()),
+            ("WARDEN_AUTHZ__MODE".to_owned(), "audit".to_owned()),
+            ("HOME".to_owned(), "/root".to_owned()),
+        ];
+        let cfg = Config::from_toml_str("", Path::new("t"), env.into_iter()).unwrap();
+        assert_eq!(
+            cfg.upstream.address,
+            UpstreamAddr::Unix("/run/app.sock".into())
+        );
+        assert_eq!(cfg.runtime.workers, Some(3));
+        assert_eq!(cfg.authz.mode, AuthzMode::Audit);
+    }
+
+    #[test]
+    fn env_override_unknown_key_is_refused() {
+        let env = vec![("WARDEN_LISTENER__NOPE".to_owned(), "1".to_owned())];
+        let err = Config::from_toml_str("", Path::new("t"), env.into_iter()).unwrap_err();
+        assert!(err.0.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn full_design_example_parses() {
+        let text = include_str!("../../tests/fixtures/design-example.toml");
+        let cfg = parse(text).unwrap();
+        assert!(cfg.listener.tls.is_some());
+        assert_eq!(cfg.authn.jwt.len(), 1);
+    }
+
+    #[test]
+    fn sts_is_refused_for_now() {
+        let cfg = parse("[authn.sts]\nendpoint = \"https://sts.amazonaws.com\"\n").unwrap();
+        assert!(cfg.validate().unwrap_err().0.contains("not supported yet"));
+    }
+}

@@ -1,0 +1,215 @@
+//! Step 6: forward an allowed request to the local service.
+//!
+//! A pooled hyper client over TCP or a Unix socket; bodies stream both ways.
+//! The upstream receives the normalized path. A refused connection is 502, a
+//! timeout 504.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{header, HeaderValue, Request, Response, Uri, Version};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+use tower::Service;
+
+use crate::body::{self, Body};
+use crate::config::{UpstreamAddr, UpstreamConfig};
+use crate::error::ProxyError;
+use crate::metrics::{KindLabels, Metrics};
+
+/// A connection to the upstream.
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Connection for Stream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Self::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Connects every request to the one configured upstream, whatever the URI says.
+#[derive(Clone)]
+pub struct Connector {
+    addr: Arc<UpstreamAddr>,
+    timeout: Duration,
+}
+
+impl Service<Uri> for Connector {
+    type Response = TokioIo<Stream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<TokioIo<Stream>>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let addr = self.addr.clone();
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let connect = async {
+                match &*addr {
+                    UpstreamAddr::Tcp(a) => {
+                        let s = TcpStream::connect(a).await?;
+                        s.set_nodelay(true)?;
+                        Ok(Stream::Tcp(s))
+                    }
+                    UpstreamAddr::Unix(p) => UnixStream::connect(p).await.map(Stream::Unix),
+                }
+            };
+            match tokio::time::timeout(timeout, connect).await {
+                Ok(r) => r.map(TokioIo::new),
+                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+            }
+        })
+    }
+}
+
+/// The innermost service: sends the request to the upstream.
+#[derive(Clone)]
+pub struct Forward {
+    client: Client<Connector, Body>,
+    request_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Forward {
+    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Self {
+        let connector = Connector {
+            addr: Arc::new(cfg.address.clone()),
+            timeout: cfg.connect_timeout,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .set_host(false)
+            .build(connector);
+        Self {
+            client,
+            request_timeout: cfg.request_timeout,
+            metrics,
+        }
+    }
+
+    /// Where the request goes: the socket is fixed; only the path matters.
+    fn target(uri: &Uri) -> Result<Uri, ProxyError> {
+        let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        format!("http://upstream{pq}")
+            .parse()
+            .map_err(|_| ProxyError::bad_request("malformed request target"))
+    }
+}
+
+impl Service<Request<Body>> for Forward {
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let client = self.client.clone();
+        let timeout = self.request_timeout;
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            // An HTTP/2 request names its host in `:authority`; HTTP/1.1 needs `host`.
+            if !req.headers().contains_key(header::HOST) {
+                if let Some(v) = req
+                    .uri()
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+            }
+            *req.uri_mut() = Forward::target(req.uri())?;
+            *req.version_mut() = Version::HTTP_11;
+            let fail = |kind: &'static str| {
+                metrics
+                    .upstream_errors
+                    .get_or_create(&KindLabels { kind })
+                    .inc();
+            };
+            match tokio::time::timeout(timeout, client.request(req)).await {
+                Err(_) => {
+                    fail("timeout");
+                    Err(ProxyError::UpstreamTimeout)
+                }
+                Ok(Err(e)) => {
+                    let timed_out = std::error::Error::source(&e)
+                        .and_then(|s| s.downcast_ref::<io::Error>())
+                        .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut);
+                    if timed_out {
+                        fail("connect_timeout");
+                        Err(ProxyError::UpstreamTimeout)
+                    } else if e.is_connect() {
+                        fail("connect");
+                        tracing::warn!(error = %e, "upstream connect failed");
+                        Err(ProxyError::UpstreamUnavailable(
+                            "upstream connection failed".into(),
+                        ))
+                    } else {
+                        fail("protocol");
+                        tracing::warn!(error = %e, "upstream request failed");
+                        Err(ProxyError::UpstreamUnavailable(
+                            "upstream request failed".into(),
+                        ))
+                    }
+                }
+                Ok(Ok(rsp)) => {
+                    let (mut parts, body) = rsp.into_parts();
+                    crate::identity::remove_hop_by_hop(&mut parts.headers);
+                    Ok(Response::from_parts(parts, body::boxed(body)))
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,206 @@
+//! Step 5: attach the verified identity for the upstream.
+//!
+//! Removes hop-by-hop headers (and any a `Connection` header names), then sets
+//! `x-amzn-lattice-identity`, `x-forwarded-for` (the socket peer),
+//! `x-forwarded-proto` and `x-request-id`. Runs only for allowed requests.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request};
+use tower::{Layer, Service};
+
+use crate::authn::{Identity, Principal};
+use crate::config::IdentityHeaders;
+use crate::trace::Trace;
+
+pub const LATTICE_IDENTITY: &str = "x-amzn-lattice-identity";
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, including those a `Connection` header names.
+/// `te: trailers` survives (gRPC needs it).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+fn escape(value: &str, out: &mut String) -> Result<(), ()> {
+    for c in value.chars() {
+        if c.is_control() {
+            return Err(());
+        }
+        if matches!(c, ';' | '=' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    Ok(())
+}
+
+/// `Principal=…; PrincipalOrgID=…; SessionName=…; Type=…`, or `None` when a
+/// value holds a control character.
+pub fn lattice_identity(identity: &Identity) -> Option<String> {
+    let mut out = String::with_capacity(128);
+    let principal = match &identity.principal {
+        Principal::Aws(p) => p.arn.clone(),
+        Principal::Anonymous => String::new(),
+        other => other.uid().1,
+    };
+    if !principal.is_empty() {
+        out.push_str("Principal=");
+        escape(&principal, &mut out).ok()?;
+        out.push_str("; ");
+    }
+    if let Some(org) = identity.org_id() {
+        out.push_str("PrincipalOrgID=");
+        escape(org, &mut out).ok()?;
+        out.push_str("; ");
+    }
+    if let Principal::Aws(p) = &identity.principal {
+        if let Some(s) = &p.session_name {
+            out.push_str("SessionName=");
+            escape(s, &mut out).ok()?;
+            out.push_str("; ");
+        }
+    }
+    out.push_str("Type=");
+    out.push_str(identity.principal.identity_type());
+    Some(out)
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct IdentityLayer {
+    pub headers: IdentityHeaders,
+}
+
+impl<S> Layer<S> for IdentityLayer {
+    type Service = AttachIdentity<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AttachIdentity {
+            inner,
+            headers: self.headers,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AttachIdentity<S> {
+    inner: S,
+    headers: IdentityHeaders,
+}
+
+impl<S, B> Service<Request<B>> for AttachIdentity<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> S::Future {
+        let identity = if self.headers == IdentityHeaders::Lattice {
+            req.extensions()
+                .get::<Identity>()
+                .and_then(lattice_identity)
+        } else {
+            None
+        };
+        let trace = req.extensions().get::<Arc<Trace>>().cloned();
+        let headers = req.headers_mut();
+        remove_hop_by_hop(headers);
+        if let Some(v) = identity.and_then(|v| HeaderValue::try_from(v).ok()) {
+            headers.insert(LATTICE_IDENTITY, v);
+        }
+        if let Some(t) = trace {
+            if let Ok(v) = HeaderValue::try_from(t.conn.peer.ip().to_string()) {
+                headers.insert("x-forwarded-for", v);
+            }
+            let proto = if t.conn.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+            if let Ok(v) = HeaderValue::try_from(t.request_id.as_str()) {
+                headers.insert("x-request-id", v);
+            }
+        }
+        self.inner.call(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authn::{AwsFacts, AwsPrincipal};
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "x-secret, keep-alive".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("upgrade", "foo".parse().unwrap());
+        h.insert("x-app", "keep".parse().unwrap());
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-app"], "keep");
+    }
+
+    #[test]
+    fn lattice_identity_escapes_and_refuses_controls() {
+        let mut id = Identity {
+            principal: Principal::Aws(
+                AwsPrincipal::from_arn("arn:aws:sts::123456789012:assumed-role/r/a;b=c\\d")
+                    .unwrap(),
+            ),
+            method: "sigv4",
+            aws: Some(AwsFacts {
+                access_key_id: "AKID".into(),
+                org_id: Some("o-abc".into()),
+                tags: Default::default(),
+            }),
+            jwt: None,
+        };
+        assert_eq!(
+            lattice_identity(&id).unwrap(),
+            "Principal=arn:aws:iam::123456789012:role/r; PrincipalOrgID=o-abc; SessionName=a\\;b\\=c\\\\d; Type=AWS_IAM"
+        );
+        id.aws.as_mut().unwrap().org_id = Some("o-\n".into());
+        assert!(lattice_identity(&id).is_none());
+    }
+}

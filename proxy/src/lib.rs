@@ -1,0 +1,32 @@
+//! warden: a per-workload authentication and authorization sidecar.
+//!
+//! The request path, in order (assembled in [`pipeline::build`]):
+//! normalize the path, strip spoofable headers, authenticate, authorize with
+//! Cedar, attach the verified identity, forward to the local service.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod audit;
+pub mod authn;
+pub mod authz;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod devkit;
+pub mod error;
+pub mod forward;
+pub mod identity;
+pub mod listener;
+pub mod metrics;
+pub mod normalize;
+pub mod observe;
+pub mod pipeline;
+pub mod strip;
+pub mod trace;
+
+/// Installs the one crypto provider used for everything (aws-lc-rs). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

@@ -1,0 +1,136 @@
+//! Prometheus metrics, registered on an injected registry (never global).
+//!
+//! Label values come from fixed sets, never from client text.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub authn: &'static str,
+    pub decision: &'static str,
+    pub code: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthnFailureLabels {
+    pub method: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub decision: &'static str,
+    pub mode: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerLabels {
+    pub issuer: String,
+    pub result: &'static str,
+}
+
+/// Every metric warden exports.
+#[derive(Debug)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Histogram,
+    pub authn_failures: Family<AuthnFailureLabels, Counter>,
+    pub authz_decisions: Family<DecisionLabels, Counter>,
+    pub policy_reloads: Family<ResultLabels, Counter>,
+    pub jwks_refresh: Family<IssuerLabels, Counter>,
+    pub tls_handshake_errors: Counter,
+    pub upstream_errors: Family<KindLabels, Counter>,
+    pub connections_active: Gauge,
+    pub cert_reloads: Family<ResultLabels, Counter>,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ])
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them on `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            request_duration: duration_histogram(),
+            authn_failures: Family::default(),
+            authz_decisions: Family::default(),
+            policy_reloads: Family::default(),
+            jwks_refresh: Family::default(),
+            tls_handshake_errors: Counter::default(),
+            upstream_errors: Family::default(),
+            connections_active: Gauge::default(),
+            cert_reloads: Family::default(),
+        };
+        registry.register(
+            "warden_requests",
+            "Requests answered, by authentication method, decision and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "warden_request_duration_seconds",
+            "Time from request head to response head",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "warden_authn_failures",
+            "Requests refused by authentication, by method and reason",
+            m.authn_failures.clone(),
+        );
+        registry.register(
+            "warden_authz_decisions",
+            "Cedar decisions, by decision and mode",
+            m.authz_decisions.clone(),
+        );
+        registry.register(
+            "warden_policy_reloads",
+            "Policy set reloads, by result",
+            m.policy_reloads.clone(),
+        );
+        registry.register(
+            "warden_jwks_refresh",
+            "Key set fetches, by issuer and result",
+            m.jwks_refresh.clone(),
+        );
+        registry.register(
+            "warden_tls_handshake_errors",
+            "TLS handshakes that failed",
+            m.tls_handshake_errors.clone(),
+        );
+        registry.register(
+            "warden_upstream_errors",
+            "Failed forwards to the upstream, by kind",
+            m.upstream_errors.clone(),
+        );
+        registry.register(
+            "warden_connections_active",
+            "Client connections open now",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "warden_cert_reloads",
+            "Certificate reloads, by result",
+            m.cert_reloads.clone(),
+        );
+        m
+    }
+}

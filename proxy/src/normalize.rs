@@ -1,0 +1,261 @@
+//! Step 1: reject malformed requests and normalize the path.
+//!
+//! Runs before authentication. The normalized path is what Cedar decides on
+//! and what the upstream receives; the raw request-target is kept aside for
+//! SigV4, which signs what the client sent.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::{header, Method, Request, Response, Uri};
+use tower::{Layer, Service};
+
+use crate::body::Body;
+use crate::error::ProxyError;
+use crate::trace::RawTarget;
+
+/// Why a path was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("path must start with `/`")]
+    NotAbsolute,
+    #[error("malformed percent-encoding in path")]
+    BadEscape,
+    #[error("encoded slash or backslash in path")]
+    EncodedSeparator,
+    #[error("control character or NUL in path")]
+    Control,
+    #[error("fragment or `;` path parameter in path")]
+    Params,
+    #[error("backslash in path")]
+    Backslash,
+    #[error("path climbs above `/`")]
+    AboveRoot,
+}
+
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Normalizes a request path per DESIGN §6: decode unreserved escapes, remove
+/// dot segments, merge slashes; refuse what could be read two ways.
+pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+    let bytes = raw.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err(PathError::NotAbsolute);
+    }
+    // Pass 1: decode unreserved escapes, upper-case the rest, refuse the dangerous ones.
+    let mut decoded = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'%' => {
+                let (h, l) = match (
+                    bytes.get(i + 1).and_then(|&c| hex(c)),
+                    bytes.get(i + 2).and_then(|&c| hex(c)),
+                ) {
+                    (Some(h), Some(l)) => (h, l),
+                    _ => return Err(PathError::BadEscape),
+                };
+                let v = h << 4 | l;
+                if unreserved(v) {
+                    decoded.push(v as char);
+                } else if v == b'/' || v == b'\\' {
+                    return Err(PathError::EncodedSeparator);
+                } else if v < 0x20 || v == 0x7f {
+                    return Err(PathError::Control);
+                } else if v == b';' || v == b'#' {
+                    return Err(PathError::Params);
+                } else {
+                    decoded.push('%');
+                    decoded.push(char::from(b"0123456789ABCDEF"[usize::from(h)]));
+                    decoded.push(char::from(b"0123456789ABCDEF"[usize::from(l)]));
+                }
+                i += 3;
+                continue;
+            }
+            b';' | b'#' => return Err(PathError::Params),
+            b'\\' => return Err(PathError::Backslash),
+            _ if b < 0x20 || b == 0x7f => return Err(PathError::Control),
+            _ => {}
+        }
+        // Non-ASCII bytes cannot appear in a parsed `Uri`; copy runs of ASCII.
+        decoded.push(b as char);
+        i += 1;
+    }
+    // Pass 2: dot segments and empty segments.
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = decoded.split('/').collect();
+    let last = segments.len().saturating_sub(1);
+    let mut trailing_slash = false;
+    for (idx, seg) in segments.iter().enumerate().skip(1) {
+        match *seg {
+            "" => trailing_slash = idx == last,
+            "." => trailing_slash = true,
+            ".." => {
+                if out.pop().is_none() {
+                    return Err(PathError::AboveRoot);
+                }
+                trailing_slash = true;
+            }
+            s => {
+                out.push(s);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut path = String::with_capacity(decoded.len());
+    for seg in &out {
+        path.push('/');
+        path.push_str(seg);
+    }
+    if out.is_empty() || trailing_slash {
+        path.push('/');
+    }
+    Ok(path)
+}
+
+/// Refuses request shapes warden never forwards.
+fn check_shape<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::bad_request("CONNECT is not supported"));
+    }
+    for up in req.headers().get_all(header::UPGRADE) {
+        let v = up.to_str().unwrap_or("");
+        if !v.trim().eq_ignore_ascii_case("websocket") {
+            return Err(ProxyError::bad_request(
+                "only `Upgrade: websocket` is supported",
+            ));
+        }
+    }
+    if req.headers().contains_key("http2-settings") {
+        return Err(ProxyError::bad_request("h2c upgrade is not supported"));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NormalizeLayer;
+
+impl<S> Layer<S> for NormalizeLayer {
+    type Service = Normalize<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Normalize { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Normalize<S> {
+    inner: S,
+}
+
+type BoxFut = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+impl<S> Service<Request<Body>> for Normalize<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = ProxyError> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = futures_util::future::Either<S::Future, BoxFut>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let reject = |e: ProxyError| -> Self::Future {
+            futures_util::future::Either::Right(Box::pin(async move { Err(e) }))
+        };
+        if let Err(e) = check_shape(&req) {
+            return reject(e);
+        }
+        let raw = RawTarget {
+            path: req.uri().path().to_owned(),
+            query: req.uri().query().map(str::to_owned),
+        };
+        let path = match normalize_path(&raw.path) {
+            Ok(p) => p,
+            Err(e) => return reject(ProxyError::bad_request(e.to_string())),
+        };
+        let pq = match &raw.query {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        let mut parts = req.uri().clone().into_parts();
+        parts.path_and_query = match pq.parse() {
+            Ok(pq) => Some(pq),
+            Err(_) => return reject(ProxyError::bad_request("malformed request target")),
+        };
+        match Uri::from_parts(parts) {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(_) => return reject(ProxyError::bad_request("malformed request target")),
+        }
+        req.extensions_mut().insert(raw);
+        futures_util::future::Either::Left(self.inner.call(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes() {
+        let cases = [
+            ("/", "/"),
+            ("/a/b", "/a/b"),
+            ("/a/b/", "/a/b/"),
+            ("//a///b", "/a/b"),
+            ("/a/./b", "/a/b"),
+            ("/a/b/..", "/a/"),
+            ("/a/b/../c", "/a/c"),
+            ("/a/%2e%2e/b", "/b"),
+            ("/%61pi", "/api"),
+            ("/a%20b", "/a%20b"),
+            ("/a%2cb", "/a%2Cb"),
+            ("/a/.", "/a/"),
+            ("/..a/b", "/..a/b"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(normalize_path(raw).as_deref(), Ok(want), "{raw}");
+        }
+    }
+
+    #[test]
+    fn rejects() {
+        let cases = [
+            ("/a/../../b", PathError::AboveRoot),
+            ("/..", PathError::AboveRoot),
+            ("/%2e%2e/x", PathError::AboveRoot),
+            ("/a%2Fb", PathError::EncodedSeparator),
+            ("/a%2fb", PathError::EncodedSeparator),
+            ("/a%5Cb", PathError::EncodedSeparator),
+            ("/a%00", PathError::Control),
+            ("/a%0a", PathError::Control),
+            ("/a;b=c", PathError::Params),
+            ("/a%3bb", PathError::Params),
+            ("/a%23b", PathError::Params),
+            ("/a\\b", PathError::Backslash),
+            ("/a%zz", PathError::BadEscape),
+            ("/a%4", PathError::BadEscape),
+            ("a", PathError::NotAbsolute),
+            ("*", PathError::NotAbsolute),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(normalize_path(raw), Err(want), "{raw}");
+        }
+    }
+}

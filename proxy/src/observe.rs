@@ -1,0 +1,213 @@
+//! The outermost layer: request id, decision log and metrics, and the one
+//! place where errors from every later step become responses.
+//!
+//! It always runs, so every request (allowed, refused or failed) yields one
+//! decision-log line and one `warden_requests_total` increment.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{header, Request, Response};
+use tower::{Layer, Service};
+
+use crate::audit::DecisionLog;
+use crate::body::Body;
+use crate::config::AuthzMode;
+use crate::error::{rescue, ProxyError};
+use crate::metrics::{AuthnFailureLabels, DecisionLabels, Metrics, RequestLabels};
+use crate::trace::{ConnInfo, Trace};
+
+/// Whether a client-supplied `x-request-id` is safe to keep.
+fn valid_request_id(v: &[u8]) -> bool {
+    !v.is_empty()
+        && v.len() <= 128
+        && v.iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// A fresh random request id (128 bits, hex).
+pub fn new_request_id() -> String {
+    let mut bytes = [0u8; 16];
+    if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+        // The system RNG failing is not a reason to drop traffic; ids need
+        // only be unique, so fall back to time and a counter.
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        return format!("{t:x}-{n:x}");
+    }
+    hex::encode(bytes)
+}
+
+#[derive(Clone)]
+pub struct ObserveLayer {
+    metrics: Arc<Metrics>,
+    log: DecisionLog,
+    mode: AuthzMode,
+}
+
+impl ObserveLayer {
+    pub fn new(metrics: Arc<Metrics>, log: DecisionLog, mode: AuthzMode) -> Self {
+        Self { metrics, log, mode }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    layer: ObserveLayer,
+}
+
+impl<S> Service<Request<Body>> for Observe<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Inner layers are always ready or report errors per request.
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let conn = req
+            .extensions()
+            .get::<Arc<ConnInfo>>()
+            .cloned()
+            .unwrap_or_else(|| {
+                Arc::new(ConnInfo {
+                    peer: ([0, 0, 0, 0], 0).into(),
+                    local: ([0, 0, 0, 0], 0).into(),
+                    tls: None,
+                })
+            });
+        let request_id = req
+            .headers()
+            .get("x-request-id")
+            .filter(|v| valid_request_id(v.as_bytes()))
+            .and_then(|v| v.to_str().ok())
+            .map_or_else(new_request_id, str::to_owned);
+        let grpc = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let trace = Arc::new(Trace::new(request_id, conn, grpc));
+        req.extensions_mut().insert(trace.clone());
+        let fut = self.inner.call(req);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let result = fut.await;
+            let (rsp, err) = match result {
+                Ok(rsp) => (rsp, None),
+                Err(e) => (rescue(&e, &trace.request_id, trace.grpc), Some(e)),
+            };
+            layer.record(&trace, rsp.status().as_u16(), err.as_ref());
+            Ok(rsp)
+        })
+    }
+}
+
+impl ObserveLayer {
+    fn record(&self, trace: &Trace, status: u16, err: Option<&ProxyError>) {
+        let elapsed = trace.start.elapsed();
+        let authn = trace.authn.get().copied().unwrap_or("none");
+        let decision = trace.decision.get();
+        let decision_label = match decision {
+            Some(d) if d.allow => "allow",
+            Some(_) => "deny",
+            None => "none",
+        };
+        let m = &self.metrics;
+        m.requests
+            .get_or_create(&RequestLabels {
+                authn,
+                decision: decision_label,
+                code: status,
+            })
+            .inc();
+        m.request_duration.observe(elapsed.as_secs_f64());
+        if let Some(ProxyError::Unauthenticated { method, code, .. }) = err {
+            m.authn_failures
+                .get_or_create(&AuthnFailureLabels {
+                    method,
+                    reason: code,
+                })
+                .inc();
+        }
+        if decision.is_some() {
+            m.authz_decisions
+                .get_or_create(&DecisionLabels {
+                    decision: decision_label,
+                    mode: self.mode.as_str(),
+                })
+                .inc();
+        }
+        let ts = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let reason = match (err, decision) {
+            (Some(e), _) => e
+                .reason()
+                .map(str::to_owned)
+                .or_else(|| Some(e.to_string())),
+            (None, Some(d)) if !d.allow => Some("would deny (audit mode)".to_owned()),
+            _ => None,
+        };
+        let line = serde_json::json!({
+            "ts": ts,
+            "request_id": trace.request_id,
+            "source_ip": trace.conn.peer.ip().to_string(),
+            "authn": authn,
+            "principal": trace.principal.get(),
+            "action": trace.action.get(),
+            "resource": trace.resource.get(),
+            "decision": decision.map(|d| if d.allow { "allow" } else { "deny" }),
+            "mode": self.mode.as_str(),
+            "policies": decision.map(|d| d.policies.clone()).unwrap_or_default(),
+            "policy_set": decision.map(|d| d.policy_set.to_string()),
+            "reason": reason,
+            "status": status,
+            "duration_us": u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+        });
+        self.log.write(line.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids() {
+        assert!(valid_request_id(b"abc-123_x.y:z"));
+        assert!(!valid_request_id(b""));
+        assert!(!valid_request_id(b"a b"));
+        assert!(!valid_request_id(b"a\"b"));
+        assert!(!valid_request_id(&[b'a'; 129]));
+        let a = new_request_id();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, new_request_id());
+    }
+}

@@ -1,0 +1,63 @@
+//! The request path, assembled in one place. Read top to bottom, this is
+//! what happens to every inbound request.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::{Request, Response};
+use tower::{Service, ServiceBuilder};
+
+use crate::audit::DecisionLog;
+use crate::authn::{Authenticator, AuthnLayer};
+use crate::authz::{AuthzLayer, PolicySnapshot};
+use crate::body::Body;
+use crate::config::{AuthzMode, IdentityHeaders, UpstreamConfig};
+use crate::forward::Forward;
+use crate::identity::IdentityLayer;
+use crate::metrics::Metrics;
+use crate::normalize::NormalizeLayer;
+use crate::observe::ObserveLayer;
+use crate::strip::StripLayer;
+
+/// What the pipeline reads at run time: reloadable snapshots and sinks.
+#[derive(Clone)]
+pub struct Shared {
+    pub authn: Arc<ArcSwap<Authenticator>>,
+    pub policies: Arc<ArcSwap<PolicySnapshot>>,
+    pub metrics: Arc<Metrics>,
+    pub log: DecisionLog,
+    pub mode: AuthzMode,
+    pub identity: IdentityHeaders,
+    pub upstream: UpstreamConfig,
+}
+
+/// Builds the request stack, in request order.
+pub fn build(
+    shared: &Shared,
+) -> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send>
+       + Clone
+       + Send
+       + 'static {
+    ServiceBuilder::new()
+        // request id, decision log, metrics; every error below becomes its response here
+        .layer(ObserveLayer::new(
+            shared.metrics.clone(),
+            shared.log.clone(),
+            shared.mode,
+        ))
+        // 400 for malformed paths, CONNECT, h2c and non-websocket upgrades; normalize the path
+        .layer(NormalizeLayer)
+        // drop client-sent identity and forwarding headers before anything reads them
+        .layer(StripLayer)
+        // exactly one credential, verified; 401 when present but invalid
+        .layer(AuthnLayer::new(shared.authn.clone()))
+        // Cedar: 405 for undeclared methods, 403 on deny (audit mode: log, forward)
+        .layer(AuthzLayer::new(shared.policies.clone()))
+        // hop-by-hop headers out; verified identity and forwarding headers in
+        .layer(IdentityLayer {
+            headers: shared.identity,
+        })
+        // pooled client to the local service; 502 / 504 when it fails
+        .service(Forward::new(&shared.upstream, shared.metrics.clone()))
+}

@@ -1,0 +1,77 @@
+//! Per-connection facts and the per-request trace the decision log reads.
+//!
+//! The trace is created by the outermost layer and travels in the request's
+//! extensions; each later step records what it learned exactly once.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+/// What the listener learned about a connection, shared by its requests.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: Option<TlsInfo>,
+}
+
+/// The verified TLS session of a connection.
+#[derive(Debug, Clone)]
+pub struct TlsInfo {
+    /// `"TLSv1.3"` or `"TLSv1.2"`.
+    pub version: &'static str,
+    /// The peer's verified client certificate: its SPIFFE ID or why it has none usable.
+    pub peer: Option<PeerCert>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerCert {
+    Spiffe(crate::authn::mtls::SpiffeId),
+    /// A verified certificate without a usable SPIFFE ID, with the reason.
+    NoSpiffe(&'static str),
+}
+
+/// The request-target as the client sent it, before normalization.
+#[derive(Debug, Clone)]
+pub struct RawTarget {
+    pub path: String,
+    pub query: Option<String>,
+}
+
+/// What the authorizer said.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub allow: bool,
+    pub policies: Vec<String>,
+    pub policy_set: Arc<str>,
+}
+
+/// Facts about one request, filled in as it moves through the pipeline.
+#[derive(Debug)]
+pub struct Trace {
+    pub request_id: String,
+    pub start: Instant,
+    pub conn: Arc<ConnInfo>,
+    pub grpc: bool,
+    pub authn: OnceLock<&'static str>,
+    pub principal: OnceLock<String>,
+    pub action: OnceLock<String>,
+    pub resource: OnceLock<String>,
+    pub decision: OnceLock<Decision>,
+}
+
+impl Trace {
+    pub fn new(request_id: String, conn: Arc<ConnInfo>, grpc: bool) -> Self {
+        Self {
+            request_id,
+            start: Instant::now(),
+            conn,
+            grpc,
+            authn: OnceLock::new(),
+            principal: OnceLock::new(),
+            action: OnceLock::new(),
+            resource: OnceLock::new(),
+            decision: OnceLock::new(),
+        }
+    }
+}
