@@ -1,0 +1,104 @@
+//! `warden check`: every problem is refused with the file and the reason.
+
+use std::path::Path;
+use std::process::Command;
+
+use super::harness::policies_dir;
+
+fn check(config: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_warden"))
+        .args(["check", "--config"])
+        .arg(config)
+        .env_remove("WARDEN_LISTENER__ADDRESS")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn base(dir: &Path, policies: &Path) -> String {
+    format!(
+        "[listener]\naddress = \"127.0.0.1:0\"\n[authz]\npolicies = \"{}\"\nschema = \"{}\"\n",
+        policies.display(),
+        policies_dir().join("schema.cedarschema").display()
+    ) + &format!("# {}\n", dir.display())
+}
+
+#[test]
+fn accepts_the_shipped_policies() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("warden.toml");
+    std::fs::write(&cfg, base(dir.path(), &policies_dir())).unwrap();
+    let (code, out) = check(&cfg);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok"), "{out}");
+}
+
+#[test]
+fn rejects_an_unknown_key_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("warden.toml");
+    std::fs::write(
+        &cfg,
+        base(dir.path(), &policies_dir())
+            + "[upstream]\naddress = \"127.0.0.1:8080\"\nconect_timeout = \"1s\"\n",
+    )
+    .unwrap();
+    let (code, out) = check(&cfg);
+    assert_eq!(code, 64, "{out}");
+    assert!(out.contains("warden.toml"), "{out}");
+    assert!(out.contains("conect_timeout"), "{out}");
+    assert!(out.contains("line 9"), "{out}");
+}
+
+#[test]
+fn rejects_a_missing_cert_file_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("warden.toml");
+    std::fs::write(
+        &cfg,
+        base(dir.path(), &policies_dir())
+            + "[listener.tls]\ncert = \"missing-cert.pem\"\nkey = \"missing-key.pem\"\n",
+    )
+    .unwrap();
+    let (code, out) = check(&cfg);
+    assert_eq!(code, 64, "{out}");
+    assert!(out.contains("missing-cert.pem"), "{out}");
+    assert!(out.to_lowercase().contains("no such file"), "{out}");
+}
+
+#[test]
+fn rejects_a_policy_failing_schema_validation_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("bad.cedar"),
+        "@id(\"fine\")\npermit (principal, action, resource);\n\n@id(\"typo\")\npermit (\n  principal == Aws::Rol::\"x\",\n  action,\n  resource\n);\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("warden.toml");
+    std::fs::write(&cfg, base(dir.path(), &policies)).unwrap();
+    let (code, out) = check(&cfg);
+    assert_eq!(code, 64, "{out}");
+    assert!(out.contains("bad.cedar:6"), "{out}");
+    assert!(out.contains("Aws::Rol"), "{out}");
+}
+
+#[test]
+fn rejects_a_policy_with_an_attribute_the_schema_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("ctx.cedar"),
+        "@id(\"ctx\")\npermit (principal, action, resource)\nwhen { context.nope == \"x\" };\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("warden.toml");
+    std::fs::write(&cfg, base(dir.path(), &policies)).unwrap();
+    let (code, out) = check(&cfg);
+    assert_eq!(code, 64, "{out}");
+    assert!(out.contains("ctx.cedar:3"), "{out}");
+}

@@ -1,0 +1,296 @@
+//! Builds warden in-process on `127.0.0.1:0` in front of an echo upstream,
+//! with a throwaway CA, token issuer and access key, and the shipped policies.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use tokio::sync::mpsc::UnboundedReceiver;
+use warden::app::App;
+use warden::audit::DecisionLog;
+use warden::config::Config;
+use warden::devkit::{self, CertPair, DevCa, Reply, Seen, SigV4Key, TokenIssuer};
+
+pub const ACCESS_KEY: &str = "AKIDTESTORDERS000001";
+pub const SECRET: &str = "test-secret-key-for-orders-role-000000000";
+pub const ISSUER: &str = "https://oidc.test.example/id/CLUSTER";
+pub const REGION: &str = "us-east-1";
+pub const SERVICE: &str = "vpc-lattice-svcs";
+
+pub struct Options {
+    pub tls: bool,
+    pub client_auth: &'static str,
+    pub upstream_down: bool,
+    pub max_body: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            tls: true,
+            client_auth: "optional",
+            upstream_down: false,
+            max_body: "64KiB",
+        }
+    }
+}
+
+pub struct Harness {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub seen: UnboundedReceiver<Seen>,
+    pub log: std::sync::mpsc::Receiver<String>,
+    pub ca: DevCa,
+    pub client_cert: CertPair,
+    pub issuer: TokenIssuer,
+    tls: bool,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+pub fn policies_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::with(Options::default()).await
+    }
+
+    pub async fn with(opts: Options) -> Self {
+        warden::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ca = DevCa::new("test CA").unwrap();
+        let server = ca.server().unwrap();
+        let client_cert = ca
+            .client(Some("spiffe://example.org/ns/shop/sa/web"))
+            .unwrap();
+        let issuer = TokenIssuer::generate("k1").unwrap();
+        std::fs::write(d.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(d.join("server.pem"), &server.cert_pem).unwrap();
+        std::fs::write(d.join("server.key"), &server.key_pem).unwrap();
+        std::fs::write(d.join("jwks.json"), issuer.jwks()).unwrap();
+        std::fs::write(
+            d.join("credentials.toml"),
+            format!(
+                "[[credential]]\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET}\"\n\
+                 principal = \"arn:aws:iam::123456789012:role/order-service-role\"\n"
+            ),
+        )
+        .unwrap();
+        let (upstream, seen) = if opts.upstream_down {
+            // A port nothing listens on: bind, learn it, close it.
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            drop(l);
+            (addr, tokio::sync::mpsc::unbounded_channel().1)
+        } else {
+            devkit::spawn_upstream().await.unwrap()
+        };
+        let tls = if opts.tls {
+            format!(
+                "[listener.tls]\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\nclient_auth = \"{}\"\n",
+                opts.client_auth
+            )
+        } else {
+            String::new()
+        };
+        let toml = format!(
+            r#"[listener]
+address = "127.0.0.1:0"
+{tls}
+[upstream]
+address = "{upstream}"
+connect_timeout = "1s"
+request_timeout = "5s"
+
+[admin]
+address = "127.0.0.1:0"
+
+[service]
+name = "orders"
+
+[authn.sigv4]
+region = "{REGION}"
+service = "{SERVICE}"
+credentials = "credentials.toml"
+max_body = "{max_body}"
+
+[authn.aws]
+accounts = {{ "123456789012" = "o-exampleorgid" }}
+
+[[authn.jwt]]
+issuer = "{ISSUER}"
+audiences = ["orders"]
+jwks_file = "jwks.json"
+principal = "k8s"
+cluster = "test"
+
+[authz]
+policies = "{policies}"
+"#,
+            max_body = opts.max_body,
+            policies = policies_dir().display(),
+        );
+        std::fs::write(d.join("warden.toml"), toml).unwrap();
+        let cfg = Config::load(&d.join("warden.toml")).unwrap();
+        let (log, log_rx) = DecisionLog::channel();
+        let app = App::bind(cfg, log).await.unwrap();
+        let addr = app.proxy_addr().unwrap();
+        let admin = app.admin_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(app.run(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            admin,
+            seen,
+            log: log_rx,
+            ca,
+            client_cert,
+            issuer,
+            tls: opts.tls,
+            stop: Some(stop),
+            _dir: dir,
+        }
+    }
+
+    pub fn host(&self) -> String {
+        format!("localhost:{}", self.addr.port())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://localhost:{}{path}", self.addr.port())
+    }
+
+    pub fn tls(&self, with_client_cert: bool, alpn: &[&[u8]]) -> Option<Arc<rustls::ClientConfig>> {
+        if !self.tls {
+            return None;
+        }
+        let cert = with_client_cert.then_some(&self.client_cert);
+        Some(devkit::client_tls(&self.ca.pem(), cert, alpn).unwrap())
+    }
+
+    /// A request builder with `host` set.
+    pub fn request(&self, method: &str, path: &str) -> http::request::Builder {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.host())
+    }
+
+    /// Sends over HTTP/1.1 (TLS without a client certificate when TLS is on).
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> Reply {
+        devkit::send(self.addr, self.tls(false, &[b"http/1.1"]), false, req)
+            .await
+            .unwrap()
+    }
+
+    /// Sends with the SPIFFE client certificate over HTTP/2.
+    pub async fn send_mtls_h2(&self, req: Request<Full<Bytes>>) -> Reply {
+        devkit::send(self.addr, self.tls(true, &[b"h2"]), true, req)
+            .await
+            .unwrap()
+    }
+
+    /// Headers from AWS's signer for `method path` with `body`.
+    pub fn sign(
+        &self,
+        method: &str,
+        path: &str,
+        extra: &[(&str, &str)],
+        body: &[u8],
+        secret: &str,
+        time: SystemTime,
+        content_sha256: bool,
+    ) -> Vec<(String, String)> {
+        let host = self.host();
+        let mut headers = vec![("host", host.as_str())];
+        headers.extend_from_slice(extra);
+        let key = SigV4Key {
+            access_key_id: ACCESS_KEY,
+            secret,
+            region: REGION,
+            service: SERVICE,
+        };
+        devkit::sign_sigv4(
+            &key,
+            method,
+            &self.url(path),
+            &headers,
+            body,
+            time,
+            content_sha256,
+        )
+        .unwrap()
+    }
+
+    /// A signed request, ready to send.
+    pub fn signed(&self, method: &str, path: &str, body: &'static [u8]) -> Request<Full<Bytes>> {
+        let mut b = self.request(method, path);
+        for (k, v) in self.sign(method, path, &[], body, SECRET, SystemTime::now(), false) {
+            b = b.header(k, v);
+        }
+        b.body(Full::new(Bytes::from_static(body))).unwrap()
+    }
+
+    pub fn token(&self, claims: serde_json::Value) -> String {
+        self.issuer.sign(&claims).unwrap()
+    }
+
+    /// A valid service-account token for `ns/name`.
+    pub fn sa_token(&self, ns: &str, name: &str) -> String {
+        self.token(serde_json::json!({
+            "iss": ISSUER, "aud": "orders", "sub": format!("system:serviceaccount:{ns}:{name}"),
+            "exp": devkit::now_secs() + 600,
+        }))
+    }
+
+    pub async fn metrics(&self) -> String {
+        let req = Request::get("/metrics")
+            .header("host", "admin")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        devkit::send(self.admin, None, false, req)
+            .await
+            .unwrap()
+            .text()
+    }
+
+    /// The next decision-log line, parsed.
+    pub fn next_log(&self) -> serde_json::Value {
+        let line = self
+            .log
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// Asserts nothing reached the upstream.
+    pub fn assert_upstream_untouched(&mut self) {
+        assert!(
+            self.seen.try_recv().is_err(),
+            "a request reached the upstream"
+        );
+    }
+
+    /// The request the upstream received last.
+    pub fn upstream_got(&mut self) -> Seen {
+        self.seen.try_recv().expect("the upstream received nothing")
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! warden's integration tests: one binary, one module per area.
+
+mod check;
+mod harness;
+mod proxy;
+mod vectors;

@@ -1,0 +1,575 @@
+//! The proxy end to end, in-process: each authentication path allowed and
+//! denied, every refusal answered before the upstream, identity attached.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::Full;
+
+use super::harness::{Harness, Options, ISSUER, SECRET};
+
+fn empty() -> Full<Bytes> {
+    Full::new(Bytes::new())
+}
+
+#[tokio::test]
+async fn sigv4_allowed_by_policy_reaches_upstream_with_identity() {
+    let mut h = Harness::start().await;
+    let rsp = h.send(h.signed("POST", "/api/orders/", b"{\"n\":1}")).await;
+    assert_eq!(rsp.status, StatusCode::OK, "{}", rsp.text());
+    let seen = h.upstream_got();
+    assert_eq!(seen.uri, "/api/orders/");
+    assert_eq!(seen.body.as_ref(), b"{\"n\":1}");
+    assert_eq!(
+        seen.headers["x-amzn-lattice-identity"],
+        "Principal=arn:aws:iam::123456789012:role/order-service-role; PrincipalOrgID=o-exampleorgid; Type=AWS_IAM"
+    );
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert!(seen.headers.contains_key("x-request-id"));
+    let log = h.next_log();
+    assert_eq!(log["authn"], "sigv4");
+    assert_eq!(log["decision"], "allow");
+    assert_eq!(log["policies"][0], "orders-role-invoke");
+    assert_eq!(log["status"], 200);
+    assert_eq!(log["resource"], "Http::Path::\"/api/orders/\"");
+}
+
+#[tokio::test]
+async fn sigv4_denied_by_policy_is_403() {
+    let mut h = Harness::start().await;
+    let rsp = h.send(h.signed("GET", "/api/profile/me", b"")).await;
+    assert_eq!(rsp.status, StatusCode::FORBIDDEN);
+    let body: serde_json::Value = serde_json::from_slice(&rsp.body).unwrap();
+    assert_eq!(body["error"], "forbidden");
+    assert!(body["request_id"].is_string());
+    h.assert_upstream_untouched();
+}
+
+#[tokio::test]
+async fn sigv4_org_membership_comes_from_accounts_map() {
+    let mut h = Harness::start().await;
+    // `org-read-catalog` permits any principal in o-exampleorgid.
+    let rsp = h.send(h.signed("GET", "/api/catalog/books", b"")).await;
+    assert_eq!(rsp.status, StatusCode::OK, "{}", rsp.text());
+    h.upstream_got();
+}
+
+#[tokio::test]
+async fn sigv4_bad_credentials_are_401_and_never_forwarded() {
+    let mut h = Harness::start().await;
+    let body: &'static [u8] = b"{\"amount\":100}";
+    let now = SystemTime::now();
+
+    // Bad signature: one hex digit changed.
+    let mut req = h.request("POST", "/api/orders/");
+    for (k, mut v) in h.sign("POST", "/api/orders/", &[], body, SECRET, now, false) {
+        if k == "authorization" {
+            let c = v.pop().unwrap();
+            v.push(if c == '0' { '1' } else { '0' });
+        }
+        req = req.header(k, v);
+    }
+    let rsp = h
+        .send(req.body(Full::new(Bytes::from_static(body))).unwrap())
+        .await;
+    assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
+    assert!(rsp.text().contains("signature mismatch"), "{}", rsp.text());
+
+    // Wrong secret.
+    let mut req = h.request("POST", "/api/orders/");
+    for (k, v) in h.sign(
+        "POST",
+        "/api/orders/",
+        &[],
+        body,
+        "not-the-secret",
+        now,
+        false,
+    ) {
+        req = req.header(k, v);
+    }
+    let rsp = h
+        .send(req.body(Full::new(Bytes::from_static(body))).unwrap())
+        .await;
+    assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
+    assert!(rsp.text().contains("signature mismatch"), "{}", rsp.text());
+
+    // Expired date (outside the 5 minute skew).
+    let mut req = h.request("POST", "/api/orders/");
+    for (k, v) in h.sign(
+        "POST",
+        "/api/orders/",
+        &[],
+        body,
+        SECRET,
+        now - Duration::from_secs(600),
+        false,
+    ) {
+        req = req.header(k, v);
+    }
+    let rsp = h
+        .send(req.body(Full::new(Bytes::from_static(body))).unwrap())
+        .await;
+    assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
+    assert!(rsp.text().contains("request expired"), "{}", rsp.text());
+
+    // Tampered signed header.
+    let mut req = h.request("POST", "/api/orders/").header("x-tenant", "b");
+    for (k, v) in h.sign(
+        "POST",
+        "/api/orders/",
+        &[("x-tenant", "a")],
+        body,
+        SECRET,
+        now,
+        false,
+    ) {
+        req = req.header(k, v);
+    }
+    let rsp = h
+        .send(req.body(Full::new(Bytes::from_static(body))).unwrap())
+        .await;
+    assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
+
+    // Tampered body under a real payload hash (x-amz-content-sha256).
+    let mut req = h.request("POST", "/api/orders/");
+    for (k, v) in h.sign("POST", "/api/orders/", &[], body, SECRET, now, true) {
+        req = req.header(k, v);
+    }
+    let rsp = h
+        .send(
+            req.body(Full::new(Bytes::from_static(b"{\"amount\":999}")))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        rsp.text().contains("payload hash mismatch"),
+        "{}",
+        rsp.text()
+    );
+
+    // Tampered body with the hash computed from the body (no header).
+    let mut req = h.request("POST", "/api/orders/");
+    for (k, v) in h.sign("POST", "/api/orders/", &[], body, SECRET, now, false) {
+        req = req.header(k, v);
+    }
+    let rsp = h
+        .send(
+            req.body(Full::new(Bytes::from_static(b"{\"amount\":999}")))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
+
+    // Untampered with the payload hash header: accepted.
+    let mut req = h.request("POST", "/api/orders/");
+    for (k, v) in h.sign("POST", "/api/orders/", &[], body, SECRET, now, true) {
+        req = req.header(k, v);
+    }
+    let rsp = h
+        .send(req.body(Full::new(Bytes::from_static(body))).unwrap())
+        .await;
+    assert_eq!(rsp.status, StatusCode::OK, "{}", rsp.text());
+    assert_eq!(h.upstream_got().body.as_ref(), body);
+    h.assert_upstream_untouched();
+
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains(
+            "warden_authn_failures_total{method=\"sigv4\",reason=\"signature_mismatch\"}"
+        ),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn body_over_max_body_is_413() {
+    let mut h = Harness::with(Options {
+        max_body: "16",
+        ..Options::default()
+    })
+    .await;
+    let rsp = h
+        .send(h.signed("POST", "/api/orders/", b"0123456789abcdefXYZ"))
+        .await;
+    assert_eq!(rsp.status, StatusCode::PAYLOAD_TOO_LARGE);
+    h.assert_upstream_untouched();
+}
+
+#[tokio::test]
+async fn jwt_allowed_and_denied_by_policy() {
+    let mut h = Harness::start().await;
+    let token = h.sa_token("shop", "checkout");
+    let req = h
+        .request("GET", "/api/catalog/items")
+        .header("authorization", format!("Bearer {token}"))
+        .body(empty())
+        .unwrap();
+    let rsp = h.send(req).await;
+    assert_eq!(rsp.status, StatusCode::OK, "{}", rsp.text());
+    assert_eq!(
+        h.upstream_got().headers["x-amzn-lattice-identity"],
+        "Principal=shop/checkout; Type=K8S"
+    );
+
+    // Another namespace is not in the policy.
+    let token = h.sa_token("billing", "worker");
+    let req = h
+        .request("GET", "/api/catalog/items")
+        .header("authorization", format!("Bearer {token}"))
+        .body(empty())
+        .unwrap();
+    assert_eq!(h.send(req).await.status, StatusCode::FORBIDDEN);
+    h.assert_upstream_untouched();
+}
+
+#[tokio::test]
+async fn bad_tokens_are_401_with_a_reason() {
+    let mut h = Harness::start().await;
+    let now = warden::devkit::now_secs();
+    let sub = "system:serviceaccount:shop:checkout";
+    let cases = [
+        (
+            serde_json::json!({"iss": ISSUER, "aud": "orders", "sub": sub, "exp": now - 3600}),
+            "token expired",
+        ),
+        (
+            serde_json::json!({"iss": ISSUER, "aud": "other", "sub": sub, "exp": now + 600}),
+            "audience mismatch",
+        ),
+        (
+            serde_json::json!({"iss": "https://evil.example", "aud": "orders", "sub": sub, "exp": now + 600}),
+            "unknown issuer",
+        ),
+        (
+            serde_json::json!({"iss": ISSUER, "aud": "orders", "sub": sub}),
+            "missing claim `exp`",
+        ),
+        (
+            serde_json::json!({"iss": ISSUER, "aud": "orders", "sub": sub, "exp": now + 600, "nbf": now + 3600}),
+            "token not yet valid",
+        ),
+    ];
+    for (claims, reason) in cases {
+        let token = h.token(claims);
+        let req = h
+            .request("GET", "/api/catalog/items")
+            .header("authorization", format!("Bearer {token}"))
+            .body(empty())
+            .unwrap();
+        let rsp = h.send(req).await;
+        assert_eq!(rsp.status, StatusCode::UNAUTHORIZED, "{reason}");
+        assert!(rsp.text().contains(reason), "{reason}: {}", rsp.text());
+    }
+    // A token signed with HS256 using the public key as the secret is refused.
+    let hs = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"iss": ISSUER, "aud": "orders", "sub": sub, "exp": now + 600}),
+        &jsonwebtoken::EncodingKey::from_secret(h.issuer.jwks().as_bytes()),
+    )
+    .unwrap();
+    // A signature from a key not in the set.
+    let stranger = warden::devkit::TokenIssuer::generate("k1").unwrap();
+    let forged = stranger
+        .sign(&serde_json::json!({"iss": ISSUER, "aud": "orders", "sub": sub, "exp": now + 600}))
+        .unwrap();
+    for (token, reason) in [
+        (hs, "algorithm not allowed"),
+        (forged, "signature invalid"),
+        ("not.a.jwt".to_owned(), "malformed token"),
+    ] {
+        let req = h
+            .request("GET", "/api/catalog/items")
+            .header("authorization", format!("Bearer {token}"))
+            .body(empty())
+            .unwrap();
+        let rsp = h.send(req).await;
+        assert_eq!(rsp.status, StatusCode::UNAUTHORIZED, "{reason}");
+        assert!(rsp.text().contains(reason), "{reason}: {}", rsp.text());
+    }
+    h.assert_upstream_untouched();
+}
+
+#[tokio::test]
+async fn mtls_spiffe_identity_over_http2_allowed_and_denied() {
+    let mut h = Harness::start().await;
+    let req = http::Request::get(h.url("/api/orders/42"))
+        .body(empty())
+        .unwrap();
+    let rsp = h.send_mtls_h2(req).await;
+    assert_eq!(rsp.status, StatusCode::OK, "{}", rsp.text());
+    let seen = h.upstream_got();
+    assert_eq!(
+        seen.headers["x-amzn-lattice-identity"],
+        "Principal=spiffe://example.org/ns/shop/sa/web; Type=SPIFFE"
+    );
+    assert_eq!(seen.headers["host"], h.host());
+    let log = h.next_log();
+    assert_eq!(log["authn"], "mtls");
+    assert_eq!(
+        log["principal"],
+        "Spiffe::Id::\"spiffe://example.org/ns/shop/sa/web\""
+    );
+
+    // The SPIFFE policy allows GET only.
+    let req = http::Request::post(h.url("/api/orders/"))
+        .body(empty())
+        .unwrap();
+    assert_eq!(h.send_mtls_h2(req).await.status, StatusCode::FORBIDDEN);
+    h.assert_upstream_untouched();
+}
+
+#[tokio::test]
+async fn mtls_required_refuses_a_handshake_without_a_client_certificate() {
+    let h = Harness::with(Options {
+        client_auth: "required",
+        ..Options::default()
+    })
+    .await;
+    let req = h.request("GET", "/public/x").body(empty()).unwrap();
+    let result = warden::devkit::send(h.addr, h.tls(false, &[b"http/1.1"]), false, req).await;
+    assert!(
+        result.is_err(),
+        "handshake without a client cert succeeded: {result:?}"
+    );
+    // With one it works.
+    let req = http::Request::get(h.url("/api/orders/1"))
+        .body(empty())
+        .unwrap();
+    assert_eq!(h.send_mtls_h2(req).await.status, StatusCode::OK);
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("warden_tls_handshake_errors_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn unsigned_request_to_protected_path_is_403_public_is_allowed() {
+    let mut h = Harness::start().await;
+    let rsp = h
+        .send(h.request("GET", "/api/orders/42").body(empty()).unwrap())
+        .await;
+    assert_eq!(rsp.status, StatusCode::FORBIDDEN);
+    h.assert_upstream_untouched();
+    let log = h.next_log();
+    assert_eq!(log["principal"], "Warden::Anonymous::\"anonymous\"");
+    assert_eq!(log["decision"], "deny");
+    assert_eq!(log["status"], 403);
+
+    let rsp = h
+        .send(h.request("GET", "/public/status").body(empty()).unwrap())
+        .await;
+    assert_eq!(rsp.status, StatusCode::OK);
+    assert_eq!(
+        h.upstream_got().headers["x-amzn-lattice-identity"],
+        "Type=Anonymous"
+    );
+}
+
+#[tokio::test]
+async fn malformed_paths_are_400_and_never_reach_the_upstream() {
+    let mut h = Harness::start().await;
+    for path in [
+        "/public/../../etc/passwd",
+        "/a/../../b",
+        "/public/a%2Fb",
+        "/public/a%2fb",
+        "/public/a%5Cb",
+        "/public/a%00b",
+        "/public/a;jsessionid=1",
+        "/public/%2e%2e/%2e%2e/x",
+        "/public/a%zz",
+    ] {
+        let rsp = h.send(h.request("GET", path).body(empty()).unwrap()).await;
+        assert_eq!(rsp.status, StatusCode::BAD_REQUEST, "{path}");
+        let body: serde_json::Value = serde_json::from_slice(&rsp.body).unwrap();
+        assert_eq!(body["error"], "bad_request", "{path}");
+        h.assert_upstream_untouched();
+    }
+}
+
+#[tokio::test]
+async fn upstream_receives_the_normalized_path() {
+    let mut h = Harness::start().await;
+    let rsp = h
+        .send(
+            h.request("GET", "//public/./a/../%62?q=1")
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(rsp.status, StatusCode::OK, "{}", rsp.text());
+    assert_eq!(h.upstream_got().uri, "/public/b?q=1");
+    // `/public` matches `/public/` but `/publicity` does not.
+    let rsp = h
+        .send(h.request("GET", "/public").body(empty()).unwrap())
+        .await;
+    assert_eq!(rsp.status, StatusCode::OK);
+    h.upstream_got();
+    let rsp = h
+        .send(h.request("GET", "/publicity").body(empty()).unwrap())
+        .await;
+    assert_eq!(rsp.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn spoofed_identity_and_forwarding_headers_never_reach_the_upstream() {
+    let mut h = Harness::start().await;
+    let req = h
+        .request("GET", "/public/x")
+        .header(
+            "x-amzn-lattice-identity",
+            "Principal=arn:aws:iam::999999999999:role/admin; Type=AWS_IAM",
+        )
+        .header("x-amzn-lattice-network", "evil")
+        .header("x-forwarded-for", "10.9.9.9")
+        .header("x-forwarded-client-cert", "By=spiffe://evil")
+        .header("x-warden-principal", "admin")
+        .header("forwarded", "for=10.9.9.9")
+        .header("x-real-ip", "10.9.9.9")
+        .header("connection", "x-hop")
+        .header("x-hop", "secret")
+        .body(empty())
+        .unwrap();
+    assert_eq!(h.send(req).await.status, StatusCode::OK);
+    let seen = h.upstream_got();
+    assert_eq!(seen.headers["x-amzn-lattice-identity"], "Type=Anonymous");
+    assert_eq!(seen.headers.get_all("x-forwarded-for").iter().count(), 1);
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
+    for gone in [
+        "x-amzn-lattice-network",
+        "x-forwarded-client-cert",
+        "x-warden-principal",
+        "forwarded",
+        "x-real-ip",
+        "x-hop",
+    ] {
+        assert!(
+            !seen.headers.contains_key(gone),
+            "{gone} reached the upstream"
+        );
+    }
+}
+
+#[tokio::test]
+async fn two_credentials_are_401() {
+    let mut h = Harness::start().await;
+    let token = h.sa_token("shop", "checkout");
+    // A bearer token plus a presigned query.
+    let req = h
+        .request(
+            "GET",
+            "/api/catalog/x?X-Amz-Signature=00&X-Amz-Credential=a",
+        )
+        .header("authorization", format!("Bearer {token}"))
+        .body(empty())
+        .unwrap();
+    let rsp = h.send(req).await;
+    assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        rsp.text().contains("more than one credential"),
+        "{}",
+        rsp.text()
+    );
+    // Two Authorization headers.
+    let mut req = h.signed("GET", "/api/catalog/x", b"");
+    req.headers_mut()
+        .append("authorization", format!("Bearer {token}").parse().unwrap());
+    let rsp = h.send(req).await;
+    assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
+    // An unknown scheme is a credential too: never anonymous.
+    let req = h
+        .request("GET", "/public/x")
+        .header("authorization", "Basic YWxhZGRpbjpvcGVuc2VzYW1l")
+        .body(empty())
+        .unwrap();
+    assert_eq!(h.send(req).await.status, StatusCode::UNAUTHORIZED);
+    h.assert_upstream_untouched();
+}
+
+#[tokio::test]
+async fn undeclared_method_is_405_and_connect_upgrade_are_400() {
+    let mut h = Harness::start().await;
+    let rsp = h
+        .send(h.request("TRACE", "/public/x").body(empty()).unwrap())
+        .await;
+    assert_eq!(rsp.status, StatusCode::METHOD_NOT_ALLOWED);
+    let req = h
+        .request("GET", "/public/x")
+        .header("connection", "upgrade")
+        .header("upgrade", "h2c")
+        .body(empty())
+        .unwrap();
+    assert_eq!(h.send(req).await.status, StatusCode::BAD_REQUEST);
+    h.assert_upstream_untouched();
+}
+
+#[tokio::test]
+async fn upstream_down_is_502() {
+    let h = Harness::with(Options {
+        upstream_down: true,
+        ..Options::default()
+    })
+    .await;
+    let rsp = h
+        .send(h.request("GET", "/public/x").body(empty()).unwrap())
+        .await;
+    assert_eq!(rsp.status, StatusCode::BAD_GATEWAY);
+    let body: serde_json::Value = serde_json::from_slice(&rsp.body).unwrap();
+    assert_eq!(body["error"], "upstream_unavailable");
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("warden_upstream_errors_total{kind=\"connect\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn plaintext_listener_and_admin_endpoints() {
+    let mut h = Harness::with(Options {
+        tls: false,
+        ..Options::default()
+    })
+    .await;
+    let rsp = h.send(h.signed("POST", "/api/orders/", b"x")).await;
+    assert_eq!(rsp.status, StatusCode::OK, "{}", rsp.text());
+    assert_eq!(h.upstream_got().headers["x-forwarded-proto"], "http");
+    for (path, code) in [("/healthz", 200), ("/readyz", 200), ("/nope", 404)] {
+        let req = http::Request::get(path)
+            .header("host", "a")
+            .body(empty())
+            .unwrap();
+        let rsp = warden::devkit::send(h.admin, None, false, req)
+            .await
+            .unwrap();
+        assert_eq!(rsp.status.as_u16(), code, "{path}");
+    }
+    let metrics = h.metrics().await;
+    for name in [
+        "warden_requests_total{authn=\"sigv4\",decision=\"allow\",code=\"200\"} 1",
+        "warden_request_duration_seconds_count 1",
+        "warden_authz_decisions_total{decision=\"allow\",mode=\"enforce\"} 1",
+        "warden_connections_active",
+        "warden_policy_reloads_total{result=\"ok\"} 1",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn grpc_denial_is_trailers_only() {
+    let mut h = Harness::start().await;
+    let req = http::Request::post(h.url("/api/admin/Thing/Delete"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(empty())
+        .unwrap();
+    let rsp = h.send_mtls_h2(req).await;
+    assert_eq!(rsp.status, StatusCode::OK);
+    assert_eq!(rsp.headers["grpc-status"], "7");
+    h.assert_upstream_untouched();
+}
