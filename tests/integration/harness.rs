@@ -39,6 +39,26 @@ impl Default for Options {
     }
 }
 
+/// How to sign: extra signed headers, secret, time, and whether to send
+/// `x-amz-content-sha256`.
+pub struct Signing<'a> {
+    pub extra: &'a [(&'a str, &'a str)],
+    pub secret: &'a str,
+    pub time: SystemTime,
+    pub content_sha256: bool,
+}
+
+impl Default for Signing<'_> {
+    fn default() -> Self {
+        Self {
+            extra: &[],
+            secret: SECRET,
+            time: SystemTime::now(),
+            content_sha256: false,
+        }
+    }
+}
+
 pub struct Harness {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
@@ -205,29 +225,27 @@ policies = "{policies}"
         &self,
         method: &str,
         path: &str,
-        extra: &[(&str, &str)],
         body: &[u8],
-        secret: &str,
-        time: SystemTime,
-        content_sha256: bool,
+        how: Signing<'_>,
     ) -> Vec<(String, String)> {
         let host = self.host();
         let mut headers = vec![("host", host.as_str())];
-        headers.extend_from_slice(extra);
+        headers.extend_from_slice(how.extra);
         let key = SigV4Key {
             access_key_id: ACCESS_KEY,
-            secret,
+            secret: how.secret,
             region: REGION,
             service: SERVICE,
         };
+        let url = self.url(path);
         devkit::sign_sigv4(
             &key,
             method,
-            &self.url(path),
+            &url,
             &headers,
             body,
-            time,
-            content_sha256,
+            how.time,
+            how.content_sha256,
         )
         .unwrap()
     }
@@ -235,7 +253,7 @@ policies = "{policies}"
     /// A signed request, ready to send.
     pub fn signed(&self, method: &str, path: &str, body: &'static [u8]) -> Request<Full<Bytes>> {
         let mut b = self.request(method, path);
-        for (k, v) in self.sign(method, path, &[], body, SECRET, SystemTime::now(), false) {
+        for (k, v) in self.sign(method, path, body, Signing::default()) {
             b = b.header(k, v);
         }
         b.body(Full::new(Bytes::from_static(body))).unwrap()

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::Full;
 
-use super::harness::{Harness, Options, ISSUER, SECRET};
+use super::harness::{Harness, Options, Signing, ISSUER};
 
 fn empty() -> Full<Bytes> {
     Full::new(Bytes::new())
@@ -64,7 +64,15 @@ async fn sigv4_bad_credentials_are_401_and_never_forwarded() {
 
     // Bad signature: one hex digit changed.
     let mut req = h.request("POST", "/api/orders/");
-    for (k, mut v) in h.sign("POST", "/api/orders/", &[], body, SECRET, now, false) {
+    for (k, mut v) in h.sign(
+        "POST",
+        "/api/orders/",
+        body,
+        Signing {
+            time: now,
+            ..Default::default()
+        },
+    ) {
         if k == "authorization" {
             let c = v.pop().unwrap();
             v.push(if c == '0' { '1' } else { '0' });
@@ -82,11 +90,12 @@ async fn sigv4_bad_credentials_are_401_and_never_forwarded() {
     for (k, v) in h.sign(
         "POST",
         "/api/orders/",
-        &[],
         body,
-        "not-the-secret",
-        now,
-        false,
+        Signing {
+            secret: "not-the-secret",
+            time: now,
+            ..Default::default()
+        },
     ) {
         req = req.header(k, v);
     }
@@ -101,11 +110,11 @@ async fn sigv4_bad_credentials_are_401_and_never_forwarded() {
     for (k, v) in h.sign(
         "POST",
         "/api/orders/",
-        &[],
         body,
-        SECRET,
-        now - Duration::from_secs(600),
-        false,
+        Signing {
+            time: now - Duration::from_secs(600),
+            ..Default::default()
+        },
     ) {
         req = req.header(k, v);
     }
@@ -120,11 +129,12 @@ async fn sigv4_bad_credentials_are_401_and_never_forwarded() {
     for (k, v) in h.sign(
         "POST",
         "/api/orders/",
-        &[("x-tenant", "a")],
         body,
-        SECRET,
-        now,
-        false,
+        Signing {
+            extra: &[("x-tenant", "a")],
+            time: now,
+            ..Default::default()
+        },
     ) {
         req = req.header(k, v);
     }
@@ -135,7 +145,16 @@ async fn sigv4_bad_credentials_are_401_and_never_forwarded() {
 
     // Tampered body under a real payload hash (x-amz-content-sha256).
     let mut req = h.request("POST", "/api/orders/");
-    for (k, v) in h.sign("POST", "/api/orders/", &[], body, SECRET, now, true) {
+    for (k, v) in h.sign(
+        "POST",
+        "/api/orders/",
+        body,
+        Signing {
+            time: now,
+            content_sha256: true,
+            ..Default::default()
+        },
+    ) {
         req = req.header(k, v);
     }
     let rsp = h
@@ -153,7 +172,15 @@ async fn sigv4_bad_credentials_are_401_and_never_forwarded() {
 
     // Tampered body with the hash computed from the body (no header).
     let mut req = h.request("POST", "/api/orders/");
-    for (k, v) in h.sign("POST", "/api/orders/", &[], body, SECRET, now, false) {
+    for (k, v) in h.sign(
+        "POST",
+        "/api/orders/",
+        body,
+        Signing {
+            time: now,
+            ..Default::default()
+        },
+    ) {
         req = req.header(k, v);
     }
     let rsp = h
@@ -166,7 +193,16 @@ async fn sigv4_bad_credentials_are_401_and_never_forwarded() {
 
     // Untampered with the payload hash header: accepted.
     let mut req = h.request("POST", "/api/orders/");
-    for (k, v) in h.sign("POST", "/api/orders/", &[], body, SECRET, now, true) {
+    for (k, v) in h.sign(
+        "POST",
+        "/api/orders/",
+        body,
+        Signing {
+            time: now,
+            content_sha256: true,
+            ..Default::default()
+        },
+    ) {
         req = req.header(k, v);
     }
     let rsp = h

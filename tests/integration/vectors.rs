@@ -36,7 +36,7 @@ impl SignedRequest for VectorRequest {
 
 fn parse_request(text: &str) -> VectorRequest {
     let (head, body) = match text.find("\n\n") {
-        Some(i) => (&text[..i], text[i + 2..].as_bytes().to_vec()),
+        Some(i) => (&text[..i], text.as_bytes()[i + 2..].to_vec()),
         None => (text, Vec::new()),
     };
     let mut lines = head.lines();
