@@ -124,9 +124,10 @@ async fn run(cfg: Config) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let show = |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(
-        proxy = ?app.proxy_addr(),
-        admin = ?app.admin_addr(),
+        proxy = %show(app.proxy_addr()),
+        admin = %show(app.admin_addr()),
         "warden listening"
     );
     app.run(shutdown_signal()).await;

@@ -1,0 +1,222 @@
+"""Interop fixtures: certificates made by openssl, keys by cryptography, an
+upstream in Python, and the real warden binary (WARDEN_BIN) in front of it."""
+
+import base64
+import http.client
+import json
+import os
+import queue
+import ssl
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+REPO = Path(__file__).resolve().parents[2]
+ACCESS_KEY = "AKIDINTEROPORDERS001"
+SECRET = "interop-secret-9f8e7d6c5b4a39281706f5e4d3c2b1a0"
+ISSUER = "https://oidc.interop.example/id/CLUSTER"
+SPIFFE_ID = "spiffe://example.org/ns/shop/sa/web"
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_pki(d: Path):
+    """A CA, a server cert for localhost and a SPIFFE client cert, all by openssl."""
+    ec_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl("req", "-x509", *ec_key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=interop-ca",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    (d / "server.ext").write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n")
+    (d / "client.ext").write_text(
+        f"subjectAltName=URI:{SPIFFE_ID}\nextendedKeyUsage=clientAuth\n"
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n")
+    for name in ("server", "client"):
+        openssl("req", *ec_key, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}", cwd=d)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
+                "-extfile", f"{name}.ext", cwd=d)
+
+
+def make_keys(d: Path):
+    """An RSA and an EC signing key (cryptography) and their JWKS."""
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    rn = rsa_key.public_key().public_numbers()
+    en = ec_key.public_key().public_numbers()
+    jwks = {"keys": [
+        {"kty": "RSA", "kid": "rsa1", "alg": "RS256", "use": "sig",
+         "n": b64url(rn.n.to_bytes((rn.n.bit_length() + 7) // 8, "big")),
+         "e": b64url(rn.e.to_bytes(3, "big"))},
+        {"kty": "EC", "kid": "ec1", "alg": "ES256", "use": "sig", "crv": "P-256",
+         "x": b64url(en.x.to_bytes(32, "big")), "y": b64url(en.y.to_bytes(32, "big"))},
+    ]}
+    (d / "jwks.json").write_text(json.dumps(jwks))
+    pem = lambda k: k.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    return {"RS256": (pem(rsa_key), "rsa1"), "ES256": (pem(ec_key), "ec1")}
+
+
+class Upstream:
+    """Records what reaches it and answers 200."""
+
+    def __init__(self):
+        self.seen = queue.Queue()
+        seen = self.seen
+
+        class Handler(BaseHTTPRequestHandler):
+            def _handle(self):
+                n = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(n) if n else b""
+                seen.put({"method": self.command, "path": self.path,
+                          "headers": {k.lower(): v for k, v in self.headers.items()},
+                          "body": body})
+                out = b'{"ok":true}'
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _handle
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def drain(self):
+        out = []
+        while not self.seen.empty():
+            out.append(self.seen.get_nowait())
+        return out
+
+
+class Warden:
+    def __init__(self, d: Path, upstream_port: int):
+        cfg = d / "warden.toml"
+        cfg.write_text(f"""
+[listener]
+address = "127.0.0.1:0"
+[listener.tls]
+cert = "server.pem"
+key = "server.key"
+client_ca = "ca.pem"
+client_auth = "required"
+
+[upstream]
+address = "127.0.0.1:{upstream_port}"
+
+[admin]
+address = "127.0.0.1:0"
+
+[service]
+name = "orders"
+
+[authn.sigv4]
+region = "us-east-1"
+service = "vpc-lattice-svcs"
+credentials = "credentials.toml"
+
+[authn.aws]
+accounts = {{ "123456789012" = "o-exampleorgid" }}
+
+[[authn.jwt]]
+issuer = "{ISSUER}"
+audiences = ["orders"]
+jwks_file = "jwks.json"
+algorithms = ["RS256", "ES256"]
+principal = "k8s"
+cluster = "interop"
+
+[authz]
+policies = "{REPO / 'policies'}"
+""")
+        (d / "credentials.toml").write_text(f"""
+[[credential]]
+access_key_id = "{ACCESS_KEY}"
+secret_access_key = "{SECRET}"
+principal = "arn:aws:iam::123456789012:role/order-service-role"
+""")
+        binary = os.environ.get("WARDEN_BIN", str(REPO / "target/debug/warden"))
+        self.proc = subprocess.Popen([binary, "run", "--config", str(cfg)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.decisions = queue.Queue()
+        self.stderr = queue.Queue()
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.decisions), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True).start()
+        while True:
+            line = self.stderr.get(timeout=60)
+            if line is None:
+                raise RuntimeError("warden exited before listening")
+            event = json.loads(line)
+            if event.get("fields", {}).get("message") == "warden listening":
+                self.port = int(event["fields"]["proxy"].rsplit(":", 1)[1])
+                self.admin_port = int(event["fields"]["admin"].rsplit(":", 1)[1])
+                break
+
+    @staticmethod
+    def _pump(stream, q):
+        for line in stream:
+            q.put(line)
+        q.put(None)
+
+    def metrics(self) -> str:
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=10)
+        conn.request("GET", "/metrics")
+        return conn.getresponse().read().decode()
+
+    def stop(self):
+        self.proc.terminate()
+        return self.proc.wait(timeout=30)
+
+
+class Env:
+    def __init__(self, d: Path):
+        self.dir = d
+        make_pki(d)
+        self.signing_keys = make_keys(d)
+        self.upstream = Upstream()
+        self.warden = Warden(d, self.upstream.port)
+        self.host = f"localhost:{self.warden.port}"
+
+    def tls(self):
+        ctx = ssl.create_default_context(cafile=str(self.dir / "ca.pem"))
+        ctx.load_cert_chain(str(self.dir / "client.pem"), str(self.dir / "client.key"))
+        return ctx
+
+    def send(self, method, path, headers=None, body=b""):
+        """One request over a new mTLS connection; returns (status, json body)."""
+        conn = http.client.HTTPSConnection("localhost", self.warden.port, context=self.tls(), timeout=10)
+        conn.request(method, path, body=body, headers=headers or {})
+        rsp = conn.getresponse()
+        data = rsp.read()
+        conn.close()
+        try:
+            return rsp.status, json.loads(data)
+        except ValueError:
+            return rsp.status, data
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    e = Env(tmp_path_factory.mktemp("interop"))
+    yield e
+    assert e.warden.stop() == 0, "warden did not exit 0 on SIGTERM"
