@@ -275,6 +275,45 @@ pub struct Seen {
     pub body: Bytes,
 }
 
+/// Answers 200 with what it received, reporting each request on `tx`.
+async fn serve_echo<IO>(io: IO, tx: mpsc::UnboundedSender<Seen>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let tx = tx.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let identity = parts
+                .headers
+                .get(crate::identity::LATTICE_IDENTITY)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            let answer = serde_json::json!({
+                "upstream_saw": { "path": parts.uri.to_string(), "identity": identity }
+            });
+            let _ = tx.send(Seen {
+                method: parts.method.to_string(),
+                uri: parts.uri.to_string(),
+                headers: parts.headers,
+                body,
+            });
+            Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                answer.to_string(),
+            ))))
+        }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
+}
+
 /// Starts an upstream on `127.0.0.1:0` that answers 200 with what it received
 /// and reports each request on the returned channel.
 pub async fn spawn_upstream() -> Result<(SocketAddr, mpsc::UnboundedReceiver<Seen>), DevError> {
@@ -283,42 +322,22 @@ pub async fn spawn_upstream() -> Result<(SocketAddr, mpsc::UnboundedReceiver<See
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let tx = tx.clone();
-                    async move {
-                        let (parts, body) = req.into_parts();
-                        let body = body
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes())
-                            .unwrap_or_default();
-                        let identity = parts
-                            .headers
-                            .get(crate::identity::LATTICE_IDENTITY)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned();
-                        let answer = serde_json::json!({
-                            "upstream_saw": { "path": parts.uri.to_string(), "identity": identity }
-                        });
-                        let _ = tx.send(Seen {
-                            method: parts.method.to_string(),
-                            uri: parts.uri.to_string(),
-                            headers: parts.headers,
-                            body,
-                        });
-                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
-                            answer.to_string(),
-                        ))))
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+            tokio::spawn(serve_echo(stream, tx.clone()));
         }
     });
     Ok((addr, rx))
+}
+
+/// The same upstream on a Unix socket at `path`.
+pub async fn spawn_upstream_unix(
+    path: &std::path::Path,
+) -> Result<mpsc::UnboundedReceiver<Seen>, DevError> {
+    let listener = tokio::net::UnixListener::bind(path)?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve_echo(stream, tx.clone()));
+        }
+    });
+    Ok(rx)
 }

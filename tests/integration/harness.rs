@@ -25,6 +25,7 @@ pub struct Options {
     pub tls: bool,
     pub client_auth: &'static str,
     pub upstream_down: bool,
+    pub upstream_unix: bool,
     pub max_body: &'static str,
 }
 
@@ -34,6 +35,7 @@ impl Default for Options {
             tls: true,
             client_auth: "optional",
             upstream_down: false,
+            upstream_unix: false,
             max_body: "64KiB",
         }
     }
@@ -108,9 +110,14 @@ impl Harness {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = l.local_addr().unwrap();
             drop(l);
-            (addr, tokio::sync::mpsc::unbounded_channel().1)
+            (addr.to_string(), tokio::sync::mpsc::unbounded_channel().1)
+        } else if opts.upstream_unix {
+            let sock = d.join("app.sock");
+            let seen = devkit::spawn_upstream_unix(&sock).await.unwrap();
+            (format!("unix:{}", sock.display()), seen)
         } else {
-            devkit::spawn_upstream().await.unwrap()
+            let (addr, seen) = devkit::spawn_upstream().await.unwrap();
+            (addr.to_string(), seen)
         };
         let tls = if opts.tls {
             format!(

@@ -609,3 +609,17 @@ async fn grpc_denial_is_trailers_only() {
     assert_eq!(rsp.headers["grpc-status"], "7");
     h.assert_upstream_untouched();
 }
+
+#[tokio::test]
+async fn unix_socket_upstream() {
+    let mut h = Harness::with(Options {
+        upstream_unix: true,
+        ..Options::default()
+    })
+    .await;
+    let rsp = h.send(h.signed("POST", "/api/orders/", b"over unix")).await;
+    assert_eq!(rsp.status, StatusCode::OK, "{}", rsp.text());
+    let seen = h.upstream_got();
+    assert_eq!(seen.body.as_ref(), b"over unix");
+    assert_eq!(seen.headers["host"], h.host());
+}
