@@ -56,166 +56,148 @@ async fn sigv4_org_membership_comes_from_accounts_map() {
     h.upstream_got();
 }
 
+/// Signs `POST /api/orders/` with `signed_body` and `how`, lets `tamper`
+/// change the signed headers, sends `sent_body`.
+async fn post_orders(
+    h: &Harness,
+    signed_body: &'static [u8],
+    sent_body: &'static [u8],
+    how: Signing<'_>,
+    extra_sent: &[(&str, &str)],
+    tamper: impl Fn(&str, String) -> String,
+) -> warden::devkit::Reply {
+    let mut req = h.request("POST", "/api/orders/");
+    for (k, v) in extra_sent {
+        req = req.header(*k, *v);
+    }
+    for (k, v) in h.sign("POST", "/api/orders/", signed_body, how) {
+        let v = tamper(&k, v);
+        req = req.header(k, v);
+    }
+    h.send(req.body(Full::new(Bytes::from_static(sent_body))).unwrap())
+        .await
+}
+
+fn untouched(_: &str, v: String) -> String {
+    v
+}
+
 #[tokio::test]
 async fn sigv4_bad_credentials_are_401_and_never_forwarded() {
     let mut h = Harness::start().await;
     let body: &'static [u8] = b"{\"amount\":100}";
+    let other: &'static [u8] = b"{\"amount\":999}";
     let now = SystemTime::now();
-
-    // Bad signature: one hex digit changed.
-    let mut req = h.request("POST", "/api/orders/");
-    for (k, mut v) in h.sign(
-        "POST",
-        "/api/orders/",
-        body,
-        Signing {
-            time: now,
-            ..Default::default()
-        },
-    ) {
+    let at = |time| Signing {
+        time,
+        ..Default::default()
+    };
+    let flip_last = |k: &str, mut v: String| {
         if k == "authorization" {
-            let c = v.pop().unwrap();
+            let c = v.pop().unwrap_or('0');
             v.push(if c == '0' { '1' } else { '0' });
         }
-        req = req.header(k, v);
+        v
+    };
+    let cases: Vec<(&str, warden::devkit::Reply, &str)> = vec![
+        (
+            "bad signature",
+            post_orders(&h, body, body, at(now), &[], flip_last).await,
+            "signature mismatch",
+        ),
+        (
+            "wrong secret",
+            post_orders(
+                &h,
+                body,
+                body,
+                Signing {
+                    secret: "not-the-secret",
+                    ..at(now)
+                },
+                &[],
+                untouched,
+            )
+            .await,
+            "signature mismatch",
+        ),
+        (
+            "expired date",
+            post_orders(
+                &h,
+                body,
+                body,
+                at(now - Duration::from_secs(600)),
+                &[],
+                untouched,
+            )
+            .await,
+            "request expired",
+        ),
+        (
+            "tampered signed header",
+            post_orders(
+                &h,
+                body,
+                body,
+                Signing {
+                    extra: &[("x-tenant", "a")],
+                    ..at(now)
+                },
+                &[("x-tenant", "b")],
+                untouched,
+            )
+            .await,
+            "signature mismatch",
+        ),
+        (
+            "tampered body under x-amz-content-sha256",
+            post_orders(
+                &h,
+                body,
+                other,
+                Signing {
+                    content_sha256: true,
+                    ..at(now)
+                },
+                &[],
+                untouched,
+            )
+            .await,
+            "payload hash mismatch",
+        ),
+        (
+            "tampered body, hash computed",
+            post_orders(&h, body, other, at(now), &[], untouched).await,
+            "signature mismatch",
+        ),
+    ];
+    for (what, rsp, reason) in cases {
+        assert_eq!(rsp.status, StatusCode::UNAUTHORIZED, "{what}");
+        assert!(rsp.text().contains(reason), "{what}: {}", rsp.text());
     }
-    let rsp = h
-        .send(req.body(Full::new(Bytes::from_static(body))).unwrap())
-        .await;
-    assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
-    assert!(rsp.text().contains("signature mismatch"), "{}", rsp.text());
-
-    // Wrong secret.
-    let mut req = h.request("POST", "/api/orders/");
-    for (k, v) in h.sign(
-        "POST",
-        "/api/orders/",
-        body,
-        Signing {
-            secret: "not-the-secret",
-            time: now,
-            ..Default::default()
-        },
-    ) {
-        req = req.header(k, v);
-    }
-    let rsp = h
-        .send(req.body(Full::new(Bytes::from_static(body))).unwrap())
-        .await;
-    assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
-    assert!(rsp.text().contains("signature mismatch"), "{}", rsp.text());
-
-    // Expired date (outside the 5 minute skew).
-    let mut req = h.request("POST", "/api/orders/");
-    for (k, v) in h.sign(
-        "POST",
-        "/api/orders/",
-        body,
-        Signing {
-            time: now - Duration::from_secs(600),
-            ..Default::default()
-        },
-    ) {
-        req = req.header(k, v);
-    }
-    let rsp = h
-        .send(req.body(Full::new(Bytes::from_static(body))).unwrap())
-        .await;
-    assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
-    assert!(rsp.text().contains("request expired"), "{}", rsp.text());
-
-    // Tampered signed header.
-    let mut req = h.request("POST", "/api/orders/").header("x-tenant", "b");
-    for (k, v) in h.sign(
-        "POST",
-        "/api/orders/",
-        body,
-        Signing {
-            extra: &[("x-tenant", "a")],
-            time: now,
-            ..Default::default()
-        },
-    ) {
-        req = req.header(k, v);
-    }
-    let rsp = h
-        .send(req.body(Full::new(Bytes::from_static(body))).unwrap())
-        .await;
-    assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
-
-    // Tampered body under a real payload hash (x-amz-content-sha256).
-    let mut req = h.request("POST", "/api/orders/");
-    for (k, v) in h.sign(
-        "POST",
-        "/api/orders/",
-        body,
-        Signing {
-            time: now,
-            content_sha256: true,
-            ..Default::default()
-        },
-    ) {
-        req = req.header(k, v);
-    }
-    let rsp = h
-        .send(
-            req.body(Full::new(Bytes::from_static(b"{\"amount\":999}")))
-                .unwrap(),
-        )
-        .await;
-    assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
-    assert!(
-        rsp.text().contains("payload hash mismatch"),
-        "{}",
-        rsp.text()
-    );
-
-    // Tampered body with the hash computed from the body (no header).
-    let mut req = h.request("POST", "/api/orders/");
-    for (k, v) in h.sign(
-        "POST",
-        "/api/orders/",
-        body,
-        Signing {
-            time: now,
-            ..Default::default()
-        },
-    ) {
-        req = req.header(k, v);
-    }
-    let rsp = h
-        .send(
-            req.body(Full::new(Bytes::from_static(b"{\"amount\":999}")))
-                .unwrap(),
-        )
-        .await;
-    assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
+    h.assert_upstream_untouched();
 
     // Untampered with the payload hash header: accepted.
-    let mut req = h.request("POST", "/api/orders/");
-    for (k, v) in h.sign(
-        "POST",
-        "/api/orders/",
+    let rsp = post_orders(
+        &h,
+        body,
         body,
         Signing {
-            time: now,
             content_sha256: true,
-            ..Default::default()
+            ..at(now)
         },
-    ) {
-        req = req.header(k, v);
-    }
-    let rsp = h
-        .send(req.body(Full::new(Bytes::from_static(body))).unwrap())
-        .await;
+        &[],
+        untouched,
+    )
+    .await;
     assert_eq!(rsp.status, StatusCode::OK, "{}", rsp.text());
     assert_eq!(h.upstream_got().body.as_ref(), body);
-    h.assert_upstream_untouched();
 
     let metrics = h.metrics().await;
     assert!(
         metrics.contains(
-            "warden_authn_failures_total{method=\"sigv4\",reason=\"signature_mismatch\"}"
+            "warden_authn_failures_total{method=\"sigv4\",reason=\"signature_mismatch\"} 4"
         ),
         "{metrics}"
     );
