@@ -12,14 +12,21 @@ use hyper_util::server::conn::auto;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use arc_swap::ArcSwap;
+
+use crate::authn::Authenticator;
 use crate::body::{self, Body};
+use crate::metrics::{IssuerOnly, Metrics};
 
 /// What the admin endpoints read.
 #[derive(Clone)]
 pub struct Admin {
     pub registry: Arc<Registry>,
-    /// Config, policies, certificates and keys loaded, and not draining.
+    pub metrics: Arc<Metrics>,
+    /// Config, policies and certificates loaded, and not draining.
     pub ready: Arc<AtomicBool>,
+    /// Ready also needs every issuer's keys.
+    pub authn: Arc<ArcSwap<Authenticator>>,
 }
 
 impl Admin {
@@ -34,9 +41,9 @@ impl Admin {
         }
         match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" if self.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
-            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            "/readyz" => self.readyz(),
             "/metrics" => {
+                self.update_gauges();
                 let mut out = String::new();
                 if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
                     return text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n");
@@ -51,6 +58,45 @@ impl Admin {
                 rsp
             }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+
+    fn readyz(&self) -> Response<Body> {
+        let (status, msg) = if !self.ready.load(Ordering::Acquire) {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: draining\n".to_owned(),
+            )
+        } else {
+            let missing = self.authn.load().jwt.missing_keys();
+            if missing.is_empty() {
+                (StatusCode::OK, "ready\n".to_owned())
+            } else {
+                let names: Vec<String> = missing.iter().map(|i| format!("`{i}`")).collect();
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: no keys yet for issuer {}\n", names.join(", ")),
+                )
+            }
+        };
+        let mut rsp = Response::new(body::full(msg));
+        *rsp.status_mut() = status;
+        rsp
+    }
+
+    /// Gauges computed at scrape time.
+    fn update_gauges(&self) {
+        let now = std::time::SystemTime::now();
+        for issuer in self.authn.load().jwt.issuers() {
+            if let Some(keys) = issuer.source.current() {
+                let age = now.duration_since(keys.fetched_at).unwrap_or_default();
+                self.metrics
+                    .jwks_age
+                    .get_or_create(&IssuerOnly {
+                        issuer: issuer.source.issuer.clone(),
+                    })
+                    .set(age.as_secs_f64());
+            }
         }
     }
 

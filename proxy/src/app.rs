@@ -13,7 +13,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Admin;
 use crate::audit::DecisionLog;
-use crate::authn::{jwt, sigv4, Authenticator, SigV4State};
+use crate::authn::{jwks, jwt, sigv4, Authenticator, SigV4State};
 use crate::authz::PolicySnapshot;
 use crate::config::Config;
 use crate::listener::{self, ConnSettings};
@@ -46,16 +46,13 @@ pub fn load(cfg: &Config) -> Result<Loaded, String> {
     };
     let mut issuers = Vec::new();
     for j in &cfg.authn.jwt {
-        let Some(file) = &j.jwks_file else {
-            return Err(format!(
-                "[[authn.jwt]] issuer `{}`: `jwks_file` is required",
-                j.issuer
-            ));
-        };
-        issuers.push(
-            jwt::Issuer::load(j.clone(), file)
-                .map_err(|e| format!("[[authn.jwt]] issuer `{}`: {e}", j.issuer))?,
-        );
+        let issuer = jwt::Issuer::new(j.clone())
+            .map_err(|e| format!("[[authn.jwt]] issuer `{}`: {e}", j.issuer))?;
+        if issuer.source.is_remote() {
+            jwks::Fetcher::new(j.ca_file.as_deref())
+                .map_err(|e| format!("[[authn.jwt]] issuer `{}`: {e}", j.issuer))?;
+        }
+        issuers.push(issuer);
     }
     let authn = Authenticator {
         sigv4,
@@ -84,6 +81,26 @@ pub fn load(cfg: &Config) -> Result<Loaded, String> {
         policies,
         tls,
     })
+}
+
+/// Starts one background refresher per remote key set.
+fn spawn_refreshers(authn: &Authenticator, metrics: &Arc<Metrics>) -> Result<(), String> {
+    for issuer in authn.jwt.issuers() {
+        if !issuer.source.is_remote() {
+            continue;
+        }
+        let cfg = issuer.config().clone();
+        let fetcher = jwks::Fetcher::new(cfg.ca_file.as_deref())
+            .map_err(|e| format!("[[authn.jwt]] issuer `{}`: {e}", cfg.issuer))?;
+        tokio::spawn(jwks::refresh(
+            Arc::downgrade(&issuer.source),
+            cfg,
+            issuer.allowed_algorithms().to_vec(),
+            fetcher,
+            metrics.clone(),
+        ));
+    }
+    Ok(())
 }
 
 /// A bound, ready-to-run proxy.
@@ -120,15 +137,19 @@ impl App {
             identity: cfg.identity.headers,
             upstream: cfg.upstream.clone(),
         };
+        spawn_refreshers(&shared.authn.load(), &shared.metrics)?;
+        let admin = Admin {
+            registry: Arc::new(registry),
+            metrics: shared.metrics.clone(),
+            ready: Arc::new(AtomicBool::new(true)),
+            authn: shared.authn.clone(),
+        };
         Ok(Self {
             listener,
             admin_listener,
             tls: loaded.tls.map(TlsAcceptor::from),
             shared,
-            admin: Admin {
-                registry: Arc::new(registry),
-                ready: Arc::new(AtomicBool::new(true)),
-            },
+            admin,
             cfg,
         })
     }

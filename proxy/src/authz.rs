@@ -276,9 +276,34 @@ impl PolicySnapshot {
             pairs.push(("aws".to_owned(), record(rec)?));
         }
         if let Some(claims) = &input.identity.jwt {
-            let mut rec = vec![("iss".to_owned(), s(&claims.iss))];
+            let claims_uid = uid("Warden::Claims", "request")?;
+            entities.push(tag_entity(claims_uid.clone(), claims.selected.clone())?);
+            let mut rec = vec![
+                ("iss".to_owned(), s(&claims.iss)),
+                (
+                    "aud".to_owned(),
+                    RestrictedExpression::new_set(claims.aud.iter().map(|a| s(a))),
+                ),
+                (
+                    "claims".to_owned(),
+                    RestrictedExpression::new_entity_uid(claims_uid),
+                ),
+            ];
             if let Some(sub) = &claims.sub {
                 rec.push(("sub".to_owned(), s(sub)));
+            }
+            if let Some(k) = &claims.kubernetes {
+                let fields = [
+                    ("namespace", &k.namespace),
+                    ("pod_name", &k.pod_name),
+                    ("pod_uid", &k.pod_uid),
+                    ("service_account_uid", &k.service_account_uid),
+                ];
+                let k8s = fields
+                    .into_iter()
+                    .filter_map(|(n, v)| v.as_deref().map(|v| (n.to_owned(), s(v))))
+                    .collect();
+                rec.push(("kubernetes".to_owned(), record(k8s)?));
             }
             pairs.push(("jwt".to_owned(), record(rec)?));
         }

@@ -278,6 +278,71 @@ pub struct JwtIssuerConfig {
     pub trust_domains: Option<Vec<String>>,
     #[serde(default = "secs::<60>", deserialize_with = "duration")]
     pub leeway: Duration,
+    /// Refuse tokens whose `exp - iat` (or `exp - now`) exceeds this.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub max_lifetime: Option<Duration>,
+    /// PEM CA bundle to trust for `jwks_uri` / discovery (default: the Mozilla roots).
+    pub ca_file: Option<PathBuf>,
+    /// Background refresh interval when the server sends no `cache-control: max-age`.
+    #[serde(default = "secs::<300>", deserialize_with = "duration")]
+    pub refresh_interval: Duration,
+    /// At most one refetch triggered by unknown `kid`s per this period.
+    #[serde(default = "secs::<30>", deserialize_with = "duration")]
+    pub kid_cooldown: Duration,
+    /// Claims exposed to policies as `context.jwt.claims` (scalars and string lists).
+    #[serde(default)]
+    pub claims: Vec<String>,
+    /// A header that may carry this issuer's token instead of `Authorization: Bearer`.
+    pub token_header: Option<String>,
+}
+
+impl JwtIssuerConfig {
+    /// Where keys come from.
+    pub fn key_source(&self) -> KeySourceKind<'_> {
+        match (&self.jwks_file, &self.jwks_uri) {
+            (Some(f), _) => KeySourceKind::File(f),
+            (None, Some(u)) => KeySourceKind::Uri(u),
+            (None, None) => KeySourceKind::Discovery,
+        }
+    }
+}
+
+/// Where an issuer's keys come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySourceKind<'a> {
+    File(&'a Path),
+    Uri(&'a str),
+    /// `issuer` + `/.well-known/openid-configuration`.
+    Discovery,
+}
+
+/// `https://…`, or `http://` to a loopback host only.
+pub fn check_fetch_url(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url.parse().map_err(|_| format!("`{url}` is not a URL"))?;
+    let host = uri.host().unwrap_or("");
+    match uri.scheme_str() {
+        Some("https") if !host.is_empty() => Ok(()),
+        Some("http") => {
+            let loopback = host == "localhost"
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if loopback {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`{url}`: http:// is accepted only for loopback hosts; use https://"
+                ))
+            }
+        }
+        _ => Err(format!("`{url}`: expected an https:// URL")),
+    }
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 fn default_algorithms() -> Vec<String> {
@@ -507,6 +572,9 @@ impl Config {
             if let Some(f) = &mut j.jwks_file {
                 fix(f);
             }
+            if let Some(f) = &mut j.ca_file {
+                fix(f);
+            }
         }
         fix(&mut self.authz.policies);
         if let Some(s) = &mut self.authz.schema {
@@ -525,18 +593,37 @@ impl Config {
             ));
         }
         let mut clusters = std::collections::BTreeSet::new();
+        let mut issuers = std::collections::BTreeSet::new();
         for j in &self.authn.jwt {
-            if j.jwks_uri.is_some() {
-                return Err(ConfigError::new(format!(
-                    "[[authn.jwt]] issuer `{}`: `jwks_uri` is not supported yet; use `jwks_file`",
-                    j.issuer
-                )));
+            let bad = |msg: String| {
+                ConfigError::new(format!("[[authn.jwt]] issuer `{}`: {msg}", j.issuer))
+            };
+            if !issuers.insert(j.issuer.clone()) {
+                return Err(bad("configured twice".to_owned()));
             }
-            if j.jwks_file.is_none() {
-                return Err(ConfigError::new(format!(
-                    "[[authn.jwt]] issuer `{}`: `jwks_file` is required",
-                    j.issuer
-                )));
+            if j.audiences.is_empty() {
+                return Err(bad("`audiences` must name at least one audience".to_owned()));
+            }
+            if j.jwks_file.is_some() && j.jwks_uri.is_some() {
+                return Err(bad("set one of `jwks_file` and `jwks_uri`".to_owned()));
+            }
+            match j.key_source() {
+                KeySourceKind::File(_) => {}
+                KeySourceKind::Uri(u) => check_fetch_url(u).map_err(bad)?,
+                KeySourceKind::Discovery => check_fetch_url(&j.issuer).map_err(|e| {
+                    bad(format!(
+                        "{e} (no `jwks_file` or `jwks_uri`: keys are discovered from the issuer)"
+                    ))
+                })?,
+            }
+            if let Some(h) = &j.token_header {
+                if http::HeaderName::from_bytes(h.as_bytes()).is_err()
+                    || h.eq_ignore_ascii_case("authorization")
+                {
+                    return Err(bad(format!(
+                        "`token_header` `{h}` is not a usable header name"
+                    )));
+                }
             }
             if j.principal == PrincipalKind::K8s {
                 let cluster = j.cluster.clone().unwrap_or_else(|| j.issuer.clone());
@@ -670,6 +757,22 @@ mod tests {
         let cfg = parse(text).unwrap();
         assert!(cfg.listener.tls.is_some());
         assert_eq!(cfg.authn.jwt.len(), 1);
+    }
+
+    #[test]
+    fn fetch_urls_must_be_https_unless_loopback() {
+        assert!(check_fetch_url("https://oidc.example.com/keys").is_ok());
+        assert!(check_fetch_url("http://127.0.0.1:8080/keys").is_ok());
+        assert!(check_fetch_url("http://[::1]:8080/keys").is_ok());
+        assert!(check_fetch_url("http://localhost/keys").is_ok());
+        assert!(check_fetch_url("http://oidc.example.com/keys").is_err());
+        assert!(check_fetch_url("http://10.0.0.1/keys").is_err());
+        assert!(check_fetch_url("ftp://x/keys").is_err());
+        let cfg = parse(
+            "[[authn.jwt]]\nissuer = \"http://idp.example.com\"\naudiences = [\"a\"]\nprincipal = \"oidc\"\n",
+        )
+        .unwrap();
+        assert!(cfg.validate().unwrap_err().0.contains("loopback"));
     }
 
     #[test]

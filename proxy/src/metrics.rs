@@ -44,6 +44,11 @@ pub struct IssuerLabels {
     pub result: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerOnly {
+    pub issuer: String,
+}
+
 /// Every metric warden exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -53,6 +58,7 @@ pub struct Metrics {
     pub authz_decisions: Family<DecisionLabels, Counter>,
     pub policy_reloads: Family<ResultLabels, Counter>,
     pub jwks_refresh: Family<IssuerLabels, Counter>,
+    pub jwks_age: Family<IssuerOnly, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub tls_handshake_errors: Counter,
     pub upstream_errors: Family<KindLabels, Counter>,
     pub connections_active: Gauge,
@@ -76,6 +82,7 @@ impl Metrics {
             authz_decisions: Family::default(),
             policy_reloads: Family::default(),
             jwks_refresh: Family::default(),
+            jwks_age: Family::default(),
             tls_handshake_errors: Counter::default(),
             upstream_errors: Family::default(),
             connections_active: Gauge::default(),
@@ -110,6 +117,11 @@ impl Metrics {
             "warden_jwks_refresh",
             "Key set fetches, by issuer and result",
             m.jwks_refresh.clone(),
+        );
+        registry.register(
+            "warden_jwks_age_seconds",
+            "Age of each issuer's current key set (absent until first loaded)",
+            m.jwks_age.clone(),
         );
         registry.register(
             "warden_tls_handshake_errors",

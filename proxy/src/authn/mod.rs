@@ -5,6 +5,7 @@
 //! ID. Nothing at all yields `Warden::Anonymous`. A credential that is present
 //! but invalid is a 401, never a downgrade to anonymous; so are two credentials.
 
+pub mod jwks;
 pub mod jwt;
 pub mod mtls;
 pub mod sigv4;
@@ -403,7 +404,7 @@ enum Presented {
 }
 
 /// Decides which credential a request carries, refusing two or an unknown kind.
-fn presented(req: &Request<Body>) -> Result<Presented, ProxyError> {
+fn presented(authn: &Authenticator, req: &Request<Body>) -> Result<Presented, ProxyError> {
     let mut auths = req.headers().get_all(header::AUTHORIZATION).iter();
     let auth = auths.next();
     if auths.next().is_some() {
@@ -424,6 +425,25 @@ fn presented(req: &Request<Body>) -> Result<Presented, ProxyError> {
         ));
     }
     let Some(value) = auth else {
+        let mut tokens = authn
+            .jwt
+            .token_headers
+            .iter()
+            .flat_map(|h| req.headers().get_all(h).iter());
+        if let Some(v) = tokens.next() {
+            if tokens.next().is_some() {
+                return Err(unauth("jwt", "multiple_credentials", MULTIPLE));
+            }
+            let v = v
+                .to_str()
+                .map_err(|_| unauth("jwt", "malformed", "malformed token"))?
+                .trim();
+            let token = match v.get(..7) {
+                Some(p) if p.eq_ignore_ascii_case("bearer ") => &v[7..],
+                _ => v,
+            };
+            return Ok(Presented::Bearer(token.trim().to_owned()));
+        }
         let peer = req
             .extensions()
             .get::<Arc<Trace>>()
@@ -434,6 +454,14 @@ fn presented(req: &Request<Body>) -> Result<Presented, ProxyError> {
     let bytes = value.as_bytes();
     if bytes.starts_with(sigv4::ALGORITHM.as_bytes()) {
         return Ok(Presented::SigV4);
+    }
+    if authn
+        .jwt
+        .token_headers
+        .iter()
+        .any(|h| req.headers().contains_key(h))
+    {
+        return Err(unauth("jwt", "multiple_credentials", MULTIPLE));
     }
     if bytes.len() > 7 && bytes[..7].eq_ignore_ascii_case(b"bearer ") {
         let token = std::str::from_utf8(&bytes[7..])
@@ -460,13 +488,16 @@ async fn authenticate(
     authn: Arc<Authenticator>,
     req: Request<Body>,
 ) -> Result<(Request<Body>, Identity), ProxyError> {
-    match presented(&req)? {
+    match presented(&authn, &req)? {
         Presented::SigV4 => authenticate_sigv4(authn, req).await,
         Presented::Bearer(token) => {
-            let (principal, claims) = authn
-                .jwt
-                .verify(&token)
-                .map_err(|e| unauth("jwt", e.code(), e.to_string()))?;
+            let (principal, claims) = authn.jwt.verify(&token).await.map_err(|e| match e {
+                jwt::JwtError::KeysUnavailable => ProxyError::Unavailable {
+                    reason: e.to_string().into(),
+                    retry_after: std::time::Duration::from_secs(1),
+                },
+                e => unauth("jwt", e.code(), e.to_string()),
+            })?;
             let identity = Identity {
                 principal,
                 method: "jwt",
