@@ -27,6 +27,8 @@ pub struct Options {
     pub upstream_down: bool,
     pub upstream_unix: bool,
     pub max_body: &'static str,
+    /// Replaces the default `[[authn.jwt]]` block (a k8s issuer with a file JWKS).
+    pub jwt_block: Option<String>,
 }
 
 impl Default for Options {
@@ -37,6 +39,7 @@ impl Default for Options {
             upstream_down: false,
             upstream_unix: false,
             max_body: "64KiB",
+            jwt_block: None,
         }
     }
 }
@@ -151,17 +154,14 @@ max_body = "{max_body}"
 [authn.aws]
 accounts = {{ "123456789012" = "o-exampleorgid" }}
 
-[[authn.jwt]]
-issuer = "{ISSUER}"
-audiences = ["orders"]
-jwks_file = "jwks.json"
-principal = "k8s"
-cluster = "test"
-
+{jwt_block}
 [authz]
 policies = "{policies}"
 "#,
             max_body = opts.max_body,
+            jwt_block = opts.jwt_block.clone().unwrap_or_else(|| format!(
+                "[[authn.jwt]]\nissuer = \"{ISSUER}\"\naudiences = [\"orders\"]\njwks_file = \"jwks.json\"\nprincipal = \"k8s\"\ncluster = \"test\"\n"
+            )),
             policies = policies_dir().display(),
         );
         std::fs::write(d.join("warden.toml"), toml).unwrap();
@@ -296,6 +296,16 @@ policies = "{policies}"
             .recv_timeout(std::time::Duration::from_secs(5))
             .unwrap();
         serde_json::from_str(&line).unwrap()
+    }
+
+    /// GETs an admin path; returns status and body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let req = Request::get(path)
+            .header("host", "admin")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let rsp = devkit::send(self.admin, None, false, req).await.unwrap();
+        (rsp.status.as_u16(), rsp.text())
     }
 
     /// Asserts nothing reached the upstream.

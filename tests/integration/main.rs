@@ -2,5 +2,6 @@
 
 mod check;
 mod harness;
+mod jwt;
 mod proxy;
 mod vectors;

@@ -158,7 +158,8 @@ pub struct KeySource {
     /// Milliseconds since the epoch of the last kid-triggered refetch (0 = never).
     last_kid_fetch: AtomicU64,
     wake: Arc<Notify>,
-    published: watch::Sender<u64>,
+    /// Completed fetch attempts, successful or not.
+    attempts: watch::Sender<u64>,
 }
 
 fn now_ms() -> u64 {
@@ -177,7 +178,7 @@ impl KeySource {
             cooldown,
             last_kid_fetch: AtomicU64::new(0),
             wake: Arc::new(Notify::new()),
-            published: watch::channel(0).0,
+            attempts: watch::channel(0).0,
         }
     }
 
@@ -215,19 +216,22 @@ impl KeySource {
     }
 
     fn publish(&self, set: KeySet) {
-        let generation = set.generation;
         self.keys.store(Some(Arc::new(set)));
-        self.published.send_replace(generation);
+    }
+
+    fn attempt_done(&self) {
+        self.attempts.send_modify(|n| *n += 1);
     }
 
     /// Called for an unknown `kid`: asks for one refetch if the cool-down
-    /// allows, then waits up to [`KID_WAIT`] for a set newer than `seen`.
+    /// allows, then waits up to [`KID_WAIT`] for the next fetch to finish.
     /// Returns the newest set (which may still lack the kid).
-    pub async fn refetch_for_unknown_kid(&self, seen: u64) -> Option<Arc<KeySet>> {
+    pub async fn refetch_for_unknown_kid(&self) -> Option<Arc<KeySet>> {
         if !self.remote {
             return None;
         }
-        let mut rx = self.published.subscribe();
+        let mut rx = self.attempts.subscribe();
+        let before = *rx.borrow_and_update();
         let now = now_ms();
         let last = self.last_kid_fetch.load(Ordering::Acquire);
         let cooldown = u64::try_from(self.cooldown.as_millis()).unwrap_or(u64::MAX);
@@ -242,7 +246,7 @@ impl KeySource {
             return self.current();
         }
         self.wake.notify_one();
-        let _ = tokio::time::timeout(KID_WAIT, rx.wait_for(|g| *g > seen)).await;
+        let _ = tokio::time::timeout(KID_WAIT, rx.wait_for(|n| *n > before)).await;
         self.current()
     }
 }
@@ -432,6 +436,8 @@ pub async fn refresh(
                 wait
             }
         };
+        // After publishing, so a woken waiter sees the new set.
+        src.attempt_done();
         drop(src);
         tokio::select! {
             () = tokio::time::sleep(wait) => {},

@@ -341,7 +341,7 @@ impl JwtVerifier {
         }
 
         if keys.get(header.kid.as_deref()).is_none() {
-            if let Some(newer) = issuer.source.refetch_for_unknown_kid(keys.generation).await {
+            if let Some(newer) = issuer.source.refetch_for_unknown_kid().await {
                 keys = newer;
             }
         }
@@ -494,5 +494,46 @@ fn map_principal(cfg: &JwtIssuerConfig, claims: &Claims) -> Result<Principal, Jw
             sub: sub.to_owned(),
             iss: claims.iss.clone(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cached(exp: u64, generation: u64) -> Cached {
+        Cached {
+            principal: Principal::Anonymous,
+            claims: Claims {
+                exp,
+                ..Claims::default()
+            },
+            generation,
+        }
+    }
+
+    #[test]
+    fn cache_honors_expiry_and_key_set_generation() {
+        let cache = TokenCache::new();
+        let key = [7u8; 32];
+        cache.insert(key, cached(100, 1));
+        assert!(cache.get(&key, 1, 99).is_some());
+        assert!(cache.get(&key, 1, 100).is_none(), "expired entries are not served");
+        cache.insert(key, cached(100, 1));
+        assert!(cache.get(&key, 2, 50).is_none(), "a new key set invalidates");
+        assert!(cache.get(&key, 1, 50).is_none(), "and the stale entry is gone");
+    }
+
+    #[test]
+    fn cache_is_bounded() {
+        let cache = TokenCache::new();
+        for i in 0..(CACHE_ENTRIES * 2) {
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            key[0] = (i % 251) as u8;
+            cache.insert(key, cached(u64::MAX, 1));
+        }
+        let total: usize = cache.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(total <= CACHE_ENTRIES, "{total}");
     }
 }
