@@ -9,6 +9,7 @@ import queue
 import ssl
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -20,6 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 ACCESS_KEY = "AKIDINTEROPORDERS001"
 SECRET = "interop-secret-9f8e7d6c5b4a39281706f5e4d3c2b1a0"
 ISSUER = "https://oidc.interop.example/id/CLUSTER"
+EKS_ISSUER = "https://oidc.eks.us-east-1.amazonaws.com/id/INTEROP"
+SPIRE_ISSUER = "https://spire.interop.example"
 SPIFFE_ID = "spiffe://example.org/ns/shop/sa/web"
 
 
@@ -72,6 +75,27 @@ def make_keys(d: Path):
     return {"RS256": (pem(rsa_key), "rsa1"), "ES256": (pem(ec_key), "ec1")}
 
 
+def make_workload_keys():
+    """Keys for workload tokens: some made by jwcrypto, some by cryptography
+    (for PyJWT), each published with its alg."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from jwcrypto import jwk
+
+    out = {}
+    for alg, kw in (("RS256", {"kty": "RSA", "size": 2048}), ("PS256", {"kty": "RSA", "size": 2048}),
+                    ("ES256", {"kty": "EC", "crv": "P-256"}), ("EdDSA", {"kty": "OKP", "crv": "Ed25519"})):
+        key = jwk.JWK.generate(kid=f"jwcrypto-{alg}", alg=alg, use="sig", **kw)
+        out[("jwcrypto", alg)] = {"key": key, "public": key.export_public(as_dict=True)}
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    ed_key = ed25519.Ed25519PrivateKey.generate()
+    for alg, priv in (("RS256", rsa_key), ("PS256", rsa_key), ("ES256", ec_key), ("EdDSA", ed_key)):
+        public = jwk.JWK.from_pyca(priv.public_key()).export_public(as_dict=True)
+        public.update({"kid": f"pyjwt-{alg}", "alg": alg, "use": "sig"})
+        out[("pyjwt", alg)] = {"key": priv, "public": public}
+    return out
+
+
 class Upstream:
     """Records what reaches it and answers 200."""
 
@@ -109,8 +133,42 @@ class Upstream:
         return out
 
 
+class KeyServer:
+    """Serves JWKS documents over HTTPS (the openssl server certificate)."""
+
+    def __init__(self, d: Path, documents: dict):
+        self.fetches = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                doc = documents.get(self.path)
+                if doc is None:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                outer.fetches += 1
+                out = json.dumps(doc).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("cache-control", "max-age=300")
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(d / "server.pem"), str(d / "server.key"))
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 class Warden:
-    def __init__(self, d: Path, upstream_port: int):
+    def __init__(self, d: Path, upstream_port: int, keys_port: int):
         cfg = d / "warden.toml"
         cfg.write_text(f"""
 [listener]
@@ -146,6 +204,24 @@ algorithms = ["RS256", "ES256"]
 principal = "k8s"
 cluster = "interop"
 
+[[authn.jwt]]
+issuer = "{EKS_ISSUER}"
+audiences = ["orders", "sts.amazonaws.com"]
+jwks_uri = "https://localhost:{keys_port}/eks/keys"
+ca_file = "ca.pem"
+algorithms = ["RS256", "PS256", "ES256", "EdDSA"]
+principal = "k8s"
+cluster = "interop-eks"
+
+[[authn.jwt]]
+issuer = "{SPIRE_ISSUER}"
+audiences = ["orders"]
+jwks_uri = "https://localhost:{keys_port}/spire/keys"
+ca_file = "ca.pem"
+algorithms = ["RS256", "PS256", "ES256", "EdDSA"]
+principal = "spiffe"
+trust_domains = ["example.org"]
+
 [authz]
 policies = "{REPO / 'policies'}"
 """)
@@ -171,6 +247,18 @@ principal = "arn:aws:iam::123456789012:role/order-service-role"
                 self.port = int(event["fields"]["proxy"].rsplit(":", 1)[1])
                 self.admin_port = int(event["fields"]["admin"].rsplit(":", 1)[1])
                 break
+        # Remote key sets load in the background: wait for /readyz.
+        deadline = time.monotonic() + 30
+        while self.readyz()[0] != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"warden never became ready: {self.readyz()}")
+            time.sleep(0.05)
+
+    def readyz(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=10)
+        conn.request("GET", "/readyz")
+        rsp = conn.getresponse()
+        return rsp.status, rsp.read().decode()
 
     @staticmethod
     def _pump(stream, q):
@@ -194,7 +282,10 @@ class Env:
         make_pki(d)
         self.signing_keys = make_keys(d)
         self.upstream = Upstream()
-        self.warden = Warden(d, self.upstream.port)
+        self.workload_keys = make_workload_keys()
+        jwks = {"keys": [k["public"] for k in self.workload_keys.values()]}
+        self.key_server = KeyServer(d, {"/eks/keys": jwks, "/spire/keys": jwks})
+        self.warden = Warden(d, self.upstream.port, self.key_server.port)
         self.host = f"localhost:{self.warden.port}"
 
     def tls(self):
