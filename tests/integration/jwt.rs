@@ -393,12 +393,25 @@ async fn attacks_are_refused() {
     let (rs, es) = (key(Algorithm::RS256), key(Algorithm::ES256));
     let server = KeyServer::start(jwks_of(&[&rs, &es])).await;
     let iss = "https://oidc.attack.test";
-    let mut h = plain(block(
-        iss,
-        Some(&format!("{}/keys", server.url)),
+    // A second trusted issuer, for another audience, with its own key.
+    let ed = key(Algorithm::EdDSA);
+    let other = KeyServer::start(jwks_of(&[&ed])).await;
+    let other_iss = "https://oidc.billing.test";
+    let other_block = block(
+        other_iss,
+        Some(&format!("{}/keys", other.url)),
         "k8s",
-        "max_lifetime = \"1h\"",
-    ))
+        "cluster = \"billing\"",
+    )
+    .replace("audiences = [\"orders\"]", "audiences = [\"billing\"]");
+    let mut h = plain(
+        block(
+            iss,
+            Some(&format!("{}/keys", server.url)),
+            "k8s",
+            "max_lifetime = \"1h\"",
+        ) + &other_block,
+    )
     .await;
     ready(&h).await;
     let b64 = |v: &Value| {
