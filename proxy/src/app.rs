@@ -33,12 +33,20 @@ pub fn load(cfg: &Config) -> Result<Loaded, String> {
     cfg.validate().map_err(|e| e.to_string())?;
     let sigv4 = match &cfg.authn.sigv4 {
         Some(s) => Some(SigV4State {
-            verifier: sigv4::Verifier::new(
-                s.region.0.clone(),
-                s.service.clone(),
-                s.max_skew,
-                sigv4::load_credentials(&s.credentials)?,
-            ),
+            verifier: {
+                let v = sigv4::Verifier::new(
+                    s.region.0.clone(),
+                    s.service.clone(),
+                    s.max_skew,
+                    sigv4::load_credentials(&s.credentials)?,
+                )
+                .with_encoding(s.uri_encoding);
+                if s.replay_guard {
+                    v.with_replay_guard(s.replay_capacity)
+                } else {
+                    v
+                }
+            },
             max_body: s.max_body,
             accounts: cfg.authn.aws.accounts.clone(),
         }),

@@ -266,6 +266,10 @@ impl PolicySnapshot {
             let mut rec = vec![
                 ("access_key_id".to_owned(), s(&aws.access_key_id)),
                 ("account".to_owned(), s(&p.account)),
+                (
+                    "presigned".to_owned(),
+                    RestrictedExpression::new_bool(aws.presigned),
+                ),
             ];
             if let Some(org) = &aws.org_id {
                 rec.push(("org_id".to_owned(), s(org)));

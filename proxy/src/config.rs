@@ -203,8 +203,19 @@ pub struct SigV4Config {
     pub max_skew: Duration,
     #[serde(default = "default_max_body", deserialize_with = "size")]
     pub max_body: u64,
+    /// Refuse a signature seen before within its window.
     #[serde(default)]
     pub replay_guard: bool,
+    /// Signatures remembered by the replay guard at most.
+    #[serde(default = "default_replay_capacity")]
+    pub replay_capacity: usize,
+    /// `double` (non-S3 services) or `single` (S3-style) canonical URI encoding.
+    #[serde(default)]
+    pub uri_encoding: crate::authn::sigv4::UriEncoding,
+}
+
+fn default_replay_capacity() -> usize {
+    100_000
 }
 
 fn default_region() -> OneOrMany {

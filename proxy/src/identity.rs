@@ -193,6 +193,7 @@ mod tests {
                 access_key_id: "AKID".into(),
                 org_id: Some("o-abc".into()),
                 tags: Default::default(),
+                presigned: false,
             }),
             jwt: None,
         };

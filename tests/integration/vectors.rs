@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use warden::authn::sigv4::{self, Credential, SignedRequest, Verifier};
+use warden::authn::sigv4::{self, Credential, SignedRequest, UriEncoding, Verifier};
 
 /// A request parsed from a vector's `.txt` file.
 struct VectorRequest {
@@ -42,7 +42,8 @@ fn parse_request(text: &str) -> VectorRequest {
     let mut lines = head.lines();
     let request_line = lines.next().unwrap();
     let (method, rest) = request_line.split_once(' ').unwrap();
-    let target = rest.strip_suffix(" HTTP/1.1").unwrap();
+    // The two legacy cases omit the protocol from the request line.
+    let target = rest.strip_suffix(" HTTP/1.1").unwrap_or(rest);
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
         None => (target.to_owned(), None),
@@ -57,7 +58,8 @@ fn parse_request(text: &str) -> VectorRequest {
             continue;
         }
         let (name, value) = line.split_once(':').unwrap();
-        headers.push((name.to_ascii_lowercase(), value.as_bytes().to_vec()));
+        // As an HTTP parser would: optional whitespace around the value goes.
+        headers.push((name.to_ascii_lowercase(), value.trim().as_bytes().to_vec()));
     }
     VectorRequest {
         method: method.to_owned(),
@@ -124,118 +126,228 @@ fn payload_hash(req: &VectorRequest) -> String {
     }
 }
 
-/// Every vector's canonical request is rebuilt byte for byte from the signed
-/// request and the client's SignedHeaders.
+/// `header` or `query`: the two forms every vector is signed in.
+const FORMS: [&str; 2] = ["header", "query"];
+
+/// The one case not verified: the query form of `post-sts-header-after`
+/// (`omit_session_token`), whose `X-Amz-Security-Token` is appended to the
+/// URL *after* signing. That is AWS IoT's websocket presigning; the SDKs that
+/// talk to VPC Lattice (botocore, the Rust and Java SDKs) sign the token into
+/// the query, and accepting both would need a second canonical form, which
+/// warden refuses to guess.
+fn skipped(v: &Vector, form: &str) -> bool {
+    form == "query" && v.context["omit_session_token"].as_bool() == Some(true)
+}
+
+fn encoding(v: &Vector) -> UriEncoding {
+    if v.normalize() {
+        UriEncoding::Double
+    } else {
+        UriEncoding::Single
+    }
+}
+
+fn auth_of(req: &VectorRequest, form: &str) -> sigv4::Auth {
+    if form == "header" {
+        let value = String::from_utf8(req.header_values("authorization")[0].to_vec()).unwrap();
+        sigv4::parse_authorization(&value).unwrap()
+    } else {
+        sigv4::parse_presigned(req.query.as_deref().unwrap()).unwrap()
+    }
+}
+
+fn verifier_for(v: &Vector) -> Verifier {
+    let creds = &v.context["credentials"];
+    let cred = Credential::new(
+        creds["access_key_id"].as_str().unwrap(),
+        creds["secret_access_key"].as_str().unwrap(),
+        "arn:aws:iam::123456789012:user/vector",
+    );
+    Verifier::new(
+        vec![v.context["region"].as_str().unwrap().to_owned()],
+        v.context["service"].as_str().unwrap().to_owned(),
+        Duration::from_secs(300),
+        vec![cred],
+    )
+    .with_encoding(encoding(v))
+}
+
+/// Every vector's canonical request, in both forms, is rebuilt byte for byte
+/// from the signed request and the client's SignedHeaders.
 #[test]
-fn canonical_requests_match_every_vector() {
+fn canonical_requests_match_every_vector_in_both_forms() {
     let mut checked = 0;
     for v in vectors() {
         if !v.dir.join("context.json").exists() {
             continue; // the two migrated legacy cases carry no context; see below
         }
-        let req = parse_request(&v.read("header-signed-request.txt"));
-        let auth = req.header_values("authorization")[0];
-        let auth = sigv4::parse_authorization(std::str::from_utf8(auth).unwrap()).unwrap();
-        let canonical = sigv4::canonical_request(
-            &req,
-            auth.signed_headers,
-            &payload_hash(&req),
-            v.normalize(),
-        )
-        .unwrap();
-        assert_eq!(
-            String::from_utf8(canonical).unwrap(),
-            v.read("header-canonical-request.txt"),
-            "canonical request of {}",
-            v.name
-        );
-        checked += 1;
+        for form in FORMS.into_iter().filter(|f| !skipped(&v, f)) {
+            let req = parse_request(&v.read(&format!("{form}-signed-request.txt")));
+            let auth = auth_of(&req, form);
+            let canonical = sigv4::canonical_request(
+                &req,
+                &auth.signed_headers,
+                &payload_hash(&req),
+                encoding(&v),
+                form == "query",
+            )
+            .unwrap();
+            assert_eq!(
+                String::from_utf8(canonical).unwrap(),
+                v.read(&format!("{form}-canonical-request.txt")),
+                "{form} canonical request of {}",
+                v.name
+            );
+            checked += 1;
+        }
     }
-    assert!(checked >= 30, "{checked}");
+    assert_eq!(
+        checked, 75,
+        "38 cases with a context in two forms, less the one skipped"
+    );
 }
 
-/// The verifier accepts every normalized (non-S3) vector's signed request,
-/// and rejects it once any signed part changes.
+/// The verifier accepts every vector's signed request in both forms, and
+/// rejects it once any signed part changes or it falls outside its window.
 #[test]
-fn verifier_accepts_every_normalized_vector_and_rejects_tampering() {
+fn verifier_accepts_every_vector_in_both_forms_and_rejects_tampering() {
     let mut checked = 0;
     for v in vectors() {
-        if !v.dir.join("context.json").exists() || !v.normalize() {
+        if !v.dir.join("context.json").exists() {
             continue;
         }
-        let creds = &v.context["credentials"];
-        let cred = Credential::new(
-            creds["access_key_id"].as_str().unwrap(),
-            creds["secret_access_key"].as_str().unwrap(),
-            "arn:aws:iam::123456789012:user/vector",
-        );
-        let verifier = Verifier::new(
-            vec![v.context["region"].as_str().unwrap().to_owned()],
-            v.context["service"].as_str().unwrap().to_owned(),
-            Duration::from_secs(300),
-            vec![cred],
-        );
-        let text = v.read("header-signed-request.txt");
-        let req = parse_request(&text);
-        let auth_value = String::from_utf8(req.header_values("authorization")[0].to_vec()).unwrap();
-        let auth = sigv4::parse_authorization(&auth_value).unwrap();
-        let hash = payload_hash(&req);
-        verifier
-            .verify(&req, &auth, &hash, v.time())
-            .unwrap_or_else(|e| panic!("{}: {e}", v.name));
+        let verifier = verifier_for(&v);
+        for form in FORMS.into_iter().filter(|f| !skipped(&v, f)) {
+            let text = v.read(&format!("{form}-signed-request.txt"));
+            let req = parse_request(&text);
+            let auth = auth_of(&req, form);
+            let hash = payload_hash(&req);
+            let what = format!("{form} {}", v.name);
+            verifier
+                .verify(&req, &auth, &hash, v.time())
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
 
-        // A tampered method, path, date or payload hash is refused.
-        let mut bad = parse_request(&text);
-        bad.method = if bad.method == "GET" {
-            "POST".into()
-        } else {
-            "GET".into()
-        };
-        assert_eq!(
-            verifier.verify(&bad, &auth, &hash, v.time()).unwrap_err(),
-            sigv4::SigError::SignatureMismatch,
-            "{}",
-            v.name
-        );
-        let mut bad = parse_request(&text);
-        bad.path.push('x');
-        assert!(
-            verifier.verify(&bad, &auth, &hash, v.time()).is_err(),
-            "{}",
-            v.name
-        );
-        let other = sigv4::sha256_hex(b"tampered");
-        assert!(
-            verifier.verify(&req, &auth, &other, v.time()).is_err(),
-            "{}",
-            v.name
-        );
-        // Outside the skew window.
-        let late = v.time() + Duration::from_secs(301);
-        assert_eq!(
-            verifier.verify(&req, &auth, &hash, late).unwrap_err(),
-            sigv4::SigError::Expired
-        );
-        let early = v.time() - Duration::from_secs(301);
-        assert_eq!(
-            verifier.verify(&req, &auth, &hash, early).unwrap_err(),
-            sigv4::SigError::NotYetValid
-        );
-        checked += 1;
+            // A tampered method, path or payload hash is refused.
+            let mut bad = parse_request(&text);
+            bad.method = if bad.method == "GET" {
+                "POST".into()
+            } else {
+                "GET".into()
+            };
+            assert_eq!(
+                verifier.verify(&bad, &auth, &hash, v.time()).unwrap_err(),
+                sigv4::SigError::SignatureMismatch,
+                "{what}"
+            );
+            let mut bad = parse_request(&text);
+            bad.path.push('x');
+            assert!(
+                verifier.verify(&bad, &auth, &hash, v.time()).is_err(),
+                "{what}"
+            );
+            let other = sigv4::sha256_hex(b"tampered");
+            assert!(
+                verifier.verify(&req, &auth, &other, v.time()).is_err(),
+                "{what}"
+            );
+            // Outside the window: the skew (header) or X-Amz-Expires (query).
+            let window = match &auth.presigned {
+                Some((_, expires)) => *expires,
+                None => Duration::from_secs(300),
+            };
+            let late = v.time() + window + Duration::from_secs(1);
+            assert_eq!(
+                verifier.verify(&req, &auth, &hash, late).unwrap_err(),
+                sigv4::SigError::Expired,
+                "{what}"
+            );
+            let early = v.time() - Duration::from_secs(301);
+            assert_eq!(
+                verifier.verify(&req, &auth, &hash, early).unwrap_err(),
+                sigv4::SigError::NotYetValid,
+                "{what}"
+            );
+            checked += 1;
+        }
     }
-    assert!(checked >= 20, "{checked}");
+    assert_eq!(
+        checked, 75,
+        "38 cases with a context in two forms, less the one skipped"
+    );
 }
 
-/// The two legacy double-encoding cases (no context.json): the canonical URI
-/// encodes the received path once more.
+/// A tampered query parameter of a presigned URL is refused, and so is a
+/// second use when the replay guard is on.
+#[test]
+fn presigned_query_tampering_and_replay() {
+    let v = vectors()
+        .into_iter()
+        .find(|v| v.name == "get-vanilla-query")
+        .unwrap();
+    let text = v.read("query-signed-request.txt");
+    let req = parse_request(&text);
+    let auth = auth_of(&req, "query");
+    let hash = payload_hash(&req);
+    let verifier = verifier_for(&v).with_replay_guard(16);
+    verifier.verify(&req, &auth, &hash, v.time()).unwrap();
+    assert_eq!(
+        verifier.verify(&req, &auth, &hash, v.time()).unwrap_err(),
+        sigv4::SigError::Replayed
+    );
+    let mut bad = parse_request(&text);
+    bad.query = bad
+        .query
+        .map(|q| q.replace("X-Amz-Expires=3600", "X-Amz-Expires=3601"));
+    let bad_auth = auth_of(&bad, "query");
+    assert_eq!(
+        verifier_for(&v)
+            .verify(&bad, &bad_auth, &hash, v.time())
+            .unwrap_err(),
+        sigv4::SigError::SignatureMismatch
+    );
+}
+
+/// The two legacy double-encoding cases (header form only, no context.json):
+/// the canonical URI encodes the received path once more, and the signed
+/// request verifies with the key it was signed with (the suite's example key,
+/// or `aws-credential-types`' test key `ANOTREAL`) and its own scope.
 #[test]
 fn legacy_double_encoding_cases() {
     for name in ["double-encode-path", "double-url-encode"] {
         let v = vectors().into_iter().find(|v| v.name == name).unwrap();
-        let req = parse_request(&v.read("request.txt"));
         let expected = v.read("header-canonical-request.txt");
+        let signed = parse_request(&v.read("header-signed-request.txt"));
         let uri_line = expected.lines().nth(1).unwrap();
-        assert_eq!(sigv4::canonical_uri(&req.path, true), uri_line, "{name}");
+        assert_eq!(
+            sigv4::canonical_uri(&signed.path, UriEncoding::Double),
+            uri_line,
+            "{name}"
+        );
+        // (double-encode-path's canonical file carries another date than its
+        // signed request, so the full text is compared through the signature.)
+        let auth = auth_of(&signed, "header");
+        let verifier = Verifier::new(
+            vec![auth.region.clone()],
+            auth.service.clone(),
+            Duration::from_secs(300),
+            vec![
+                Credential::new(
+                    "AKIDEXAMPLE",
+                    "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+                    "arn:aws:iam::123456789012:user/vector",
+                ),
+                Credential::new(
+                    "ANOTREAL",
+                    "notrealrnrELgWzOk3IfjzDKtFBhDby",
+                    "arn:aws:iam::123456789012:user/vector",
+                ),
+            ],
+        );
+        let date = String::from_utf8(signed.header_values("x-amz-date")[0].to_vec()).unwrap();
+        let at = sigv4::parse_amz_date(&date).unwrap();
+        verifier
+            .verify(&signed, &auth, &payload_hash(&signed), at)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
 

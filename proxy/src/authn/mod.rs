@@ -152,6 +152,8 @@ pub struct AwsFacts {
     pub access_key_id: String,
     pub org_id: Option<String>,
     pub tags: BTreeMap<String, String>,
+    /// Signed in the query (a presigned URL) rather than a header.
+    pub presigned: bool,
 }
 
 /// The verified caller of one request.
@@ -320,6 +322,7 @@ fn payload_mode(headers: &HeaderMap) -> Result<PayloadMode, ProxyError> {
 async fn authenticate_sigv4(
     authn: Arc<Authenticator>,
     req: Request<Body>,
+    presigned: bool,
 ) -> Result<(Request<Body>, Identity), ProxyError> {
     let Some(state) = authn.sigv4.as_ref() else {
         return Err(unauth("sigv4", "not_configured", "sigv4 is not configured"));
@@ -335,19 +338,24 @@ async fn authenticate_sigv4(
         PayloadMode::Declared(h) => (req, h),
     };
     let (credential, verified_declared) = {
-        let auth_value = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| sig_err(sigv4::SigError::Malformed("not visible ASCII")))?;
-        let auth = sigv4::parse_authorization(auth_value).map_err(sig_err)?;
         let missing = RawTarget {
             path: req.uri().path().to_owned(),
             query: req.uri().query().map(str::to_owned),
         };
+        let raw = req.extensions().get::<RawTarget>().unwrap_or(&missing);
+        let auth = if presigned {
+            sigv4::parse_presigned(raw.query.as_deref().unwrap_or(""))
+        } else {
+            req.headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or(sigv4::SigError::Malformed("not visible ASCII"))
+                .and_then(sigv4::parse_authorization)
+        }
+        .map_err(sig_err)?;
         let view = SigV4View {
             method: req.method().as_str(),
-            raw: req.extensions().get::<RawTarget>().unwrap_or(&missing),
+            raw,
             headers: req.headers(),
             authority: req.uri().authority().map(|a| a.as_str()),
         };
@@ -390,6 +398,7 @@ async fn authenticate_sigv4(
             access_key_id: credential.access_key_id.clone(),
             org_id,
             tags: credential.tags.clone(),
+            presigned,
         }),
         jwt: None,
     };
@@ -398,7 +407,7 @@ async fn authenticate_sigv4(
 
 /// The one credential a request carries.
 enum Presented {
-    SigV4,
+    SigV4 { presigned: bool },
     Bearer(String),
     Peer(Option<PeerCert>),
 }
@@ -418,11 +427,7 @@ fn presented(authn: &Authenticator, req: &Request<Body>) -> Result<Presented, Pr
         if auth.is_some() {
             return Err(unauth("sigv4", "multiple_credentials", MULTIPLE));
         }
-        return Err(unauth(
-            "sigv4",
-            "unsupported",
-            "presigned requests are not supported yet",
-        ));
+        return Ok(Presented::SigV4 { presigned: true });
     }
     let Some(value) = auth else {
         let mut tokens = authn
@@ -453,7 +458,7 @@ fn presented(authn: &Authenticator, req: &Request<Body>) -> Result<Presented, Pr
     };
     let bytes = value.as_bytes();
     if bytes.starts_with(sigv4::ALGORITHM.as_bytes()) {
-        return Ok(Presented::SigV4);
+        return Ok(Presented::SigV4 { presigned: false });
     }
     if authn
         .jwt
@@ -489,7 +494,7 @@ async fn authenticate(
     req: Request<Body>,
 ) -> Result<(Request<Body>, Identity), ProxyError> {
     match presented(&authn, &req)? {
-        Presented::SigV4 => authenticate_sigv4(authn, req).await,
+        Presented::SigV4 { presigned } => authenticate_sigv4(authn, req, presigned).await,
         Presented::Bearer(token) => {
             let (principal, claims) = authn.jwt.verify(&token).await.map_err(|e| match e {
                 jwt::JwtError::KeysUnavailable => ProxyError::Unavailable {

@@ -45,6 +45,10 @@ pub enum SigError {
     SignatureMismatch,
     #[error("malformed query string")]
     BadQuery,
+    #[error("signature already used")]
+    Replayed,
+    #[error("too many recent signatures to check for replay")]
+    ReplayGuardFull,
 }
 
 impl SigError {
@@ -59,23 +63,27 @@ impl SigError {
             Self::Expired | Self::NotYetValid => "expired",
             Self::UnknownAccessKey => "unknown_access_key",
             Self::SignatureMismatch => "signature_mismatch",
+            Self::Replayed | Self::ReplayGuardFull => "replayed",
         }
     }
 }
 
-/// A parsed `Authorization: AWS4-HMAC-SHA256 …` header.
+/// A parsed SigV4 credential, from the `Authorization` header or from the
+/// `X-Amz-*` query parameters of a presigned URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuthHeader<'a> {
-    pub access_key_id: &'a str,
-    pub date: &'a str,
-    pub region: &'a str,
-    pub service: &'a str,
+pub struct Auth {
+    pub access_key_id: String,
+    pub date: String,
+    pub region: String,
+    pub service: String,
     /// As sent: lowercase, sorted, `;`-separated.
-    pub signed_headers: &'a str,
+    pub signed_headers: String,
     pub signature: [u8; 32],
+    /// The presigned form's `X-Amz-Date` and `X-Amz-Expires`.
+    pub presigned: Option<(String, Duration)>,
 }
 
-impl AuthHeader<'_> {
+impl Auth {
     pub fn scope(&self) -> String {
         format!(
             "{}/{}/{}/aws4_request",
@@ -84,9 +92,51 @@ impl AuthHeader<'_> {
     }
 }
 
+/// Longest validity of a presigned URL (7 days), as AWS allows.
+pub const MAX_EXPIRES: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// `key/date/region/service/aws4_request`.
+fn parse_credential(cred: &str) -> Result<(String, String, String, String), SigError> {
+    let mut it = cred.split('/');
+    let (Some(access_key_id), Some(date), Some(region), Some(service), Some(term), None) = (
+        it.next(),
+        it.next(),
+        it.next(),
+        it.next(),
+        it.next(),
+        it.next(),
+    ) else {
+        return Err(SigError::Malformed(
+            "credential must be key/date/region/service/aws4_request",
+        ));
+    };
+    if term != "aws4_request" {
+        return Err(SigError::Malformed("credential must end in aws4_request"));
+    }
+    if access_key_id.is_empty() || region.is_empty() || service.is_empty() {
+        return Err(SigError::Malformed("empty credential component"));
+    }
+    if date.len() != 8 || !date.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(SigError::Malformed("credential date must be YYYYMMDD"));
+    }
+    Ok((
+        access_key_id.to_owned(),
+        date.to_owned(),
+        region.to_owned(),
+        service.to_owned(),
+    ))
+}
+
+fn parse_signature(sig: &str) -> Result<[u8; 32], SigError> {
+    let mut signature = [0u8; 32];
+    hex::decode_to_slice(sig, &mut signature)
+        .map_err(|_| SigError::Malformed("signature must be 64 hex digits"))?;
+    Ok(signature)
+}
+
 /// Parses the header value; each of `Credential`, `SignedHeaders`, `Signature`
 /// exactly once.
-pub fn parse_authorization(value: &str) -> Result<AuthHeader<'_>, SigError> {
+pub fn parse_authorization(value: &str) -> Result<Auth, SigError> {
     let rest = value
         .strip_prefix(ALGORITHM)
         .and_then(|r| r.strip_prefix(' '))
@@ -110,40 +160,71 @@ pub fn parse_authorization(value: &str) -> Result<AuthHeader<'_>, SigError> {
     let cred = cred.ok_or(SigError::Malformed("missing Credential"))?;
     let signed_headers = signed.ok_or(SigError::Malformed("missing SignedHeaders"))?;
     let sig = sig.ok_or(SigError::Malformed("missing Signature"))?;
-
-    let mut it = cred.split('/');
-    let (Some(access_key_id), Some(date), Some(region), Some(service), Some(term), None) = (
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-    ) else {
-        return Err(SigError::Malformed(
-            "credential must be key/date/region/service/aws4_request",
-        ));
-    };
-    if term != "aws4_request" {
-        return Err(SigError::Malformed("credential must end in aws4_request"));
-    }
-    if access_key_id.is_empty() || region.is_empty() || service.is_empty() {
-        return Err(SigError::Malformed("empty credential component"));
-    }
-    if date.len() != 8 || !date.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(SigError::Malformed("credential date must be YYYYMMDD"));
-    }
-    let mut signature = [0u8; 32];
-    hex::decode_to_slice(sig, &mut signature)
-        .map_err(|_| SigError::Malformed("signature must be 64 hex digits"))?;
+    let (access_key_id, date, region, service) = parse_credential(cred)?;
+    let signature = parse_signature(sig)?;
     check_signed_headers(signed_headers)?;
-    Ok(AuthHeader {
+    Ok(Auth {
         access_key_id,
         date,
         region,
         service,
-        signed_headers,
+        signed_headers: signed_headers.to_owned(),
         signature,
+        presigned: None,
+    })
+}
+
+/// Parses the `X-Amz-*` parameters of a presigned URL: algorithm, credential,
+/// date, expires (at most 7 days), signed headers and signature, each exactly
+/// once.
+pub fn parse_presigned(raw_query: &str) -> Result<Auth, SigError> {
+    const NAMES: [&str; 6] = [
+        "X-Amz-Algorithm",
+        "X-Amz-Credential",
+        "X-Amz-Date",
+        "X-Amz-Expires",
+        "X-Amz-SignedHeaders",
+        "X-Amz-Signature",
+    ];
+    let mut found: [Option<String>; 6] = Default::default();
+    for pair in raw_query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let k = percent_decode(k).map_err(|_| SigError::BadQuery)?;
+        let Some(i) = NAMES.iter().position(|n| n.as_bytes() == k.as_slice()) else {
+            continue;
+        };
+        let v = String::from_utf8(percent_decode(v)?).map_err(|_| SigError::BadQuery)?;
+        if found[i].replace(v).is_some() {
+            return Err(SigError::Malformed("repeated X-Amz-* query parameter"));
+        }
+    }
+    let [Some(alg), Some(cred), Some(date), Some(expires), Some(signed), Some(sig)] = found else {
+        return Err(SigError::Malformed(
+            "presigned URL lacks an X-Amz-* parameter",
+        ));
+    };
+    if alg != ALGORITHM {
+        return Err(SigError::Malformed("unsupported algorithm"));
+    }
+    let expires: u64 = expires
+        .parse()
+        .map_err(|_| SigError::Malformed("X-Amz-Expires must be a number of seconds"))?;
+    let expires = Duration::from_secs(expires);
+    if expires.is_zero() || expires > MAX_EXPIRES {
+        return Err(SigError::Malformed(
+            "X-Amz-Expires must be 1 to 604800 seconds",
+        ));
+    }
+    let (access_key_id, cdate, region, service) = parse_credential(&cred)?;
+    check_signed_headers(&signed)?;
+    Ok(Auth {
+        access_key_id,
+        date: cdate,
+        region,
+        service,
+        signed_headers: signed,
+        signature: parse_signature(&sig)?,
+        presigned: Some((date, expires)),
     })
 }
 
@@ -214,18 +295,32 @@ fn push_encoded(out: &mut String, bytes: &[u8], keep_slash: bool) {
     }
 }
 
-/// The canonical URI: the path as received, normalized (when `normalize`),
-/// then URI-encoded once more (the double encoding of non-S3 services).
-pub fn canonical_uri(raw_path: &str, normalize: bool) -> String {
-    let path = if normalize {
-        normalize_uri_path(raw_path)
-    } else if raw_path.is_empty() {
-        "/".to_owned()
-    } else {
-        raw_path.to_owned()
-    };
-    let mut out = String::with_capacity(path.len() + 8);
-    push_encoded(&mut out, path.as_bytes(), true);
+/// How the canonical URI is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UriEncoding {
+    /// Non-S3 services: dot segments removed, slashes merged, the path as
+    /// received URI-encoded once more.
+    #[default]
+    Double,
+    /// S3 style: the path as received, decoded and encoded once, not normalized.
+    Single,
+}
+
+/// The canonical URI of a raw request path.
+pub fn canonical_uri(raw_path: &str, encoding: UriEncoding) -> String {
+    let mut out = String::with_capacity(raw_path.len() + 8);
+    match encoding {
+        UriEncoding::Double => {
+            push_encoded(&mut out, normalize_uri_path(raw_path).as_bytes(), true)
+        }
+        UriEncoding::Single => {
+            let path = if raw_path.is_empty() { "/" } else { raw_path };
+            // A malformed escape is kept literally (and then encoded).
+            let bytes = percent_decode(path).unwrap_or_else(|_| path.as_bytes().to_vec());
+            push_encoded(&mut out, &bytes, true);
+        }
+    }
     out
 }
 
@@ -305,18 +400,21 @@ pub trait SignedRequest {
 }
 
 /// Builds the canonical request from the client's `SignedHeaders`.
+/// `presigned` leaves `X-Amz-Signature` out of the canonical query.
 pub fn canonical_request(
     req: &impl SignedRequest,
     signed_headers: &str,
     payload_hash: &str,
-    normalize: bool,
+    encoding: UriEncoding,
+    presigned: bool,
 ) -> Result<Vec<u8>, SigError> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(req.method().as_bytes());
     out.push(b'\n');
-    out.extend_from_slice(canonical_uri(req.raw_path(), normalize).as_bytes());
+    out.extend_from_slice(canonical_uri(req.raw_path(), encoding).as_bytes());
     out.push(b'\n');
-    out.extend_from_slice(canonical_query(req.raw_query(), None)?.as_bytes());
+    let skip = presigned.then_some("X-Amz-Signature");
+    out.extend_from_slice(canonical_query(req.raw_query(), skip)?.as_bytes());
     out.push(b'\n');
     for name in signed_headers.split(';') {
         let values = req.header_values(name);
@@ -431,17 +529,101 @@ pub fn load_credentials(path: &Path) -> Result<Vec<Credential>, String> {
 #[derive(Debug)]
 pub struct Verified<'a> {
     pub credential: &'a Credential,
+    pub presigned: bool,
 }
 
-/// Verifies header-authenticated SigV4 requests against a set of credentials.
+/// Derived signing keys per (access key, date, region, service), so a request
+/// costs one HMAC for its signature, not five. Bounded: cleared when full.
+#[derive(Debug, Default)]
+struct KeyCache {
+    keys: std::sync::Mutex<HashMap<String, Zeroizing<[u8; 32]>>>,
+}
+
+const KEY_CACHE_ENTRIES: usize = 4096;
+
+impl KeyCache {
+    fn get_or_derive(
+        &self,
+        credential: &Credential,
+        date: &str,
+        signed_at: SystemTime,
+        region: &str,
+        service: &str,
+    ) -> Zeroizing<[u8; 32]> {
+        let id = format!("{}/{date}/{region}/{service}", credential.access_key_id);
+        if let Some(k) = self.keys.lock().ok().and_then(|m| m.get(&id).cloned()) {
+            return k;
+        }
+        let derived = aws_sigv4::sign::v4::generate_signing_key(
+            &credential.secret_access_key,
+            signed_at,
+            region,
+            service,
+        );
+        let mut key = Zeroizing::new([0u8; 32]);
+        let src = derived.as_ref();
+        let n = src.len().min(32);
+        key[..n].copy_from_slice(&src[..n]);
+        if let Ok(mut m) = self.keys.lock() {
+            if m.len() >= KEY_CACHE_ENTRIES {
+                m.clear();
+            }
+            m.insert(id, key.clone());
+        }
+        key
+    }
+}
+
+/// Remembers signatures until their window ends, refusing a second use.
+#[derive(Debug)]
+pub struct ReplayGuard {
+    seen: std::sync::Mutex<HashMap<[u8; 32], u64>>,
+    capacity: usize,
+}
+
+impl ReplayGuard {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            seen: std::sync::Mutex::new(HashMap::new()),
+            capacity,
+        }
+    }
+
+    /// Records `signature` as used until `until` (seconds since the epoch).
+    fn check(&self, signature: &[u8; 32], until: u64, now: u64) -> Result<(), SigError> {
+        let mut seen = self.seen.lock().map_err(|_| SigError::ReplayGuardFull)?;
+        if seen.get(signature).is_some_and(|&t| t >= now) {
+            return Err(SigError::Replayed);
+        }
+        if seen.len() >= self.capacity {
+            seen.retain(|_, t| *t >= now);
+            if seen.len() >= self.capacity {
+                return Err(SigError::ReplayGuardFull);
+            }
+        }
+        seen.insert(*signature, until);
+        Ok(())
+    }
+}
+
+fn epoch_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// Verifies SigV4 requests (header or presigned) against a set of credentials.
 #[derive(Debug)]
 pub struct Verifier {
     regions: Vec<String>,
     service: String,
     max_skew: Duration,
+    encoding: UriEncoding,
     credentials: HashMap<String, Credential>,
     /// Used for unknown keys so they cost the same work as known ones.
     decoy: Credential,
+    keys: Option<KeyCache>,
+    replay: Option<ReplayGuard>,
 }
 
 impl Verifier {
@@ -455,6 +637,7 @@ impl Verifier {
             regions,
             service,
             max_skew,
+            encoding: UriEncoding::Double,
             credentials: credentials
                 .into_iter()
                 .map(|c| (c.access_key_id.clone(), c))
@@ -464,64 +647,121 @@ impl Verifier {
                 "decoy-secret-never-matches",
                 "arn:aws:iam::000000000000:user/decoy",
             ),
+            keys: Some(KeyCache::default()),
+            replay: None,
         }
     }
 
-    /// Checks the signature of `req` given its `Authorization` header and the
+    pub fn with_encoding(mut self, encoding: UriEncoding) -> Self {
+        self.encoding = encoding;
+        self
+    }
+
+    /// Refuses a signature seen before within its window (bounded memory).
+    pub fn with_replay_guard(mut self, capacity: usize) -> Self {
+        self.replay = Some(ReplayGuard::new(capacity));
+        self
+    }
+
+    /// Derives the signing key on every request (benchmarks of the cold path).
+    pub fn without_key_cache(mut self) -> Self {
+        self.keys = None;
+        self
+    }
+
+    /// Checks the signature of `req` given its parsed credential and the
     /// payload hash to put in the canonical request.
     pub fn verify<'s>(
         &'s self,
         req: &impl SignedRequest,
-        auth: &AuthHeader<'_>,
+        auth: &Auth,
         payload_hash: &str,
         now: SystemTime,
     ) -> Result<Verified<'s>, SigError> {
-        if !self.regions.iter().any(|r| r == auth.region) {
+        if !self.regions.iter().any(|r| *r == auth.region) {
             return Err(SigError::WrongScope("region"));
         }
         if auth.service != self.service {
             return Err(SigError::WrongScope("service"));
         }
-        let names = auth.signed_headers.split(';');
-        if !names.clone().any(|n| n == "host") {
+        if !auth.signed_headers.split(';').any(|n| n == "host") {
             return Err(SigError::MustSign("host"));
         }
-        if !names.clone().any(|n| n == "x-amz-date") {
-            return Err(SigError::MustSign("x-amz-date"));
-        }
-        let amz_date = match req.header_values("x-amz-date").as_slice() {
-            [] => return Err(SigError::MissingDate),
-            [one] => std::str::from_utf8(one).map_err(|_| SigError::BadDate)?,
-            _ => return Err(SigError::BadDate),
+        let header_date;
+        let (amz_date, window) = match &auth.presigned {
+            Some((date, expires)) => (date.as_str(), Some(*expires)),
+            None => {
+                if !auth.signed_headers.split(';').any(|n| n == "x-amz-date") {
+                    return Err(SigError::MustSign("x-amz-date"));
+                }
+                header_date = match req.header_values("x-amz-date").as_slice() {
+                    [] => return Err(SigError::MissingDate),
+                    [one] => std::str::from_utf8(one)
+                        .map_err(|_| SigError::BadDate)?
+                        .to_owned(),
+                    _ => return Err(SigError::BadDate),
+                };
+                (header_date.as_str(), None)
+            }
         };
         let signed_at = parse_amz_date(amz_date).ok_or(SigError::BadDate)?;
-        if !amz_date.starts_with(auth.date) {
+        if !amz_date.starts_with(auth.date.as_str()) {
             return Err(SigError::WrongScope("date does not match x-amz-date"));
         }
-        match now.duration_since(signed_at) {
-            Ok(age) if age > self.max_skew => return Err(SigError::Expired),
-            Err(ahead) if ahead.duration() > self.max_skew => return Err(SigError::NotYetValid),
-            _ => {}
+        // Header form: within the skew either way. Presigned: from the signing
+        // time (less the skew) until it expires.
+        let valid_until = signed_at + window.unwrap_or(self.max_skew);
+        if now > valid_until {
+            return Err(SigError::Expired);
         }
-        let canonical = canonical_request(req, auth.signed_headers, payload_hash, true)?;
+        if signed_at
+            .duration_since(now)
+            .is_ok_and(|ahead| ahead > self.max_skew)
+        {
+            return Err(SigError::NotYetValid);
+        }
+        let canonical = canonical_request(
+            req,
+            &auth.signed_headers,
+            payload_hash,
+            self.encoding,
+            auth.presigned.is_some(),
+        )?;
         let sts = string_to_sign(amz_date, &auth.scope(), &canonical);
-        let known = self.credentials.get(auth.access_key_id);
+        let known = self.credentials.get(&auth.access_key_id);
         let credential = known.unwrap_or(&self.decoy);
-        let key = aws_sigv4::sign::v4::generate_signing_key(
-            &credential.secret_access_key,
-            signed_at,
-            auth.region,
-            auth.service,
-        );
-        let expected = aws_sigv4::sign::v4::calculate_signature(key, sts.as_bytes());
+        let key = match &self.keys {
+            Some(cache) => cache.get_or_derive(
+                credential,
+                &auth.date,
+                signed_at,
+                &auth.region,
+                &auth.service,
+            ),
+            None => KeyCache::default().get_or_derive(
+                credential,
+                &auth.date,
+                signed_at,
+                &auth.region,
+                &auth.service,
+            ),
+        };
+        let expected = aws_sigv4::sign::v4::calculate_signature(key.as_ref(), sts.as_bytes());
         let mut expected_bytes = [0u8; 32];
         let decoded = hex::decode_to_slice(&expected, &mut expected_bytes).is_ok();
         let equal: bool = expected_bytes.ct_eq(&auth.signature).into();
-        match known {
-            None => Err(SigError::UnknownAccessKey),
-            Some(c) if decoded && equal => Ok(Verified { credential: c }),
-            Some(_) => Err(SigError::SignatureMismatch),
+        let credential = match known {
+            None => return Err(SigError::UnknownAccessKey),
+            Some(c) if decoded && equal => c,
+            Some(_) => return Err(SigError::SignatureMismatch),
+        };
+        if let Some(guard) = &self.replay {
+            guard.check(&auth.signature, epoch_secs(valid_until), epoch_secs(now))?;
         }
+        Ok(Verified {
+            credential,
+            presigned: auth.presigned.is_some(),
+        })
     }
 }
 
@@ -558,9 +798,51 @@ mod tests {
 
     #[test]
     fn canonical_uri_encodes_once_more() {
-        assert_eq!(canonical_uri("/a%3Db/@x", true), "/a%253Db/%40x");
-        assert_eq!(canonical_uri("//a/./b/../c/", true), "/a/c/");
-        assert_eq!(canonical_uri("", true), "/");
+        assert_eq!(
+            canonical_uri("/a%3Db/@x", UriEncoding::Double),
+            "/a%253Db/%40x"
+        );
+        assert_eq!(canonical_uri("//a/./b/../c/", UriEncoding::Double), "/a/c/");
+        assert_eq!(canonical_uri("", UriEncoding::Double), "/");
+        assert_eq!(
+            canonical_uri("/a%3Db/@x", UriEncoding::Single),
+            "/a%3Db/%40x"
+        );
+        assert_eq!(canonical_uri("//a/./b", UriEncoding::Single), "//a/./b");
+    }
+
+    #[test]
+    fn presigned_parameters() {
+        let q = "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKID%2F20150830%2Fus-east-1%2Fservice%2Faws4_request&X-Amz-Date=20150830T123600Z&X-Amz-Expires=60&X-Amz-SignedHeaders=host&X-Amz-Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31&a=1";
+        let a = parse_presigned(q).unwrap();
+        assert_eq!(a.access_key_id, "AKID");
+        assert_eq!(
+            a.presigned,
+            Some(("20150830T123600Z".to_owned(), Duration::from_secs(60)))
+        );
+        for bad in [
+            q.replace("X-Amz-Expires=60", "X-Amz-Expires=604801"),
+            q.replace("X-Amz-Expires=60", "X-Amz-Expires=0"),
+            q.replace("&a=1", "&X-Amz-Date=20150830T123600Z"),
+            q.replace(
+                "X-Amz-Algorithm=AWS4-HMAC-SHA256",
+                "X-Amz-Algorithm=AWS4-HMAC-SHA1",
+            ),
+            q.replace("&X-Amz-SignedHeaders=host", ""),
+        ] {
+            assert!(parse_presigned(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn replay_guard_refuses_a_second_use_and_is_bounded() {
+        let g = ReplayGuard::new(2);
+        assert_eq!(g.check(&[1; 32], 100, 10), Ok(()));
+        assert_eq!(g.check(&[1; 32], 100, 11), Err(SigError::Replayed));
+        assert_eq!(g.check(&[2; 32], 100, 12), Ok(()));
+        assert_eq!(g.check(&[3; 32], 100, 13), Err(SigError::ReplayGuardFull));
+        // Once the window of the first ends, it may be forgotten.
+        assert_eq!(g.check(&[3; 32], 200, 150), Ok(()));
     }
 
     #[test]
