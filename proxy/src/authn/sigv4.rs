@@ -678,7 +678,7 @@ impl Verifier {
         payload_hash: &str,
         now: SystemTime,
     ) -> Result<Verified<'s>, SigError> {
-        if !self.regions.iter().any(|r| *r == auth.region) {
+        if !self.regions.contains(&auth.region) {
             return Err(SigError::WrongScope("region"));
         }
         if auth.service != self.service {
