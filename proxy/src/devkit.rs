@@ -181,6 +181,49 @@ pub fn sign_sigv4(
         .collect())
 }
 
+/// Presigns a request with AWS's `aws-sigv4` signer; returns the URL with
+/// the `X-Amz-*` query parameters appended.
+pub fn presign_sigv4(
+    key: &SigV4Key<'_>,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    time: SystemTime,
+    expires_in: std::time::Duration,
+) -> Result<String, DevError> {
+    use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SignatureLocation, SigningSettings};
+    let creds = aws_credential_types::Credentials::new(key.access_key_id, key.secret, None, None, "devkit");
+    let identity = creds.into();
+    let mut settings = SigningSettings::default();
+    settings.signature_location = SignatureLocation::QueryParams;
+    settings.expires_in = Some(expires_in);
+    let params = aws_sigv4::sign::v4::SigningParams::builder()
+        .identity(&identity)
+        .region(key.region)
+        .name(key.service)
+        .time(time)
+        .settings(settings)
+        .build()?
+        .into();
+    let signable = SignableRequest::new(method, url, headers.iter().copied(), SignableBody::Bytes(&[]))?;
+    let (instructions, _) = sign(signable, &params)?.into_parts();
+    let mut out = url.to_owned();
+    for (i, (k, v)) in instructions.params().iter().enumerate() {
+        let sep = if i == 0 && !url.contains('?') { '?' } else { '&' };
+        const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+            .remove(b'-')
+            .remove(b'_')
+            .remove(b'.')
+            .remove(b'~');
+        let enc = |s: &str| percent_encoding::utf8_percent_encode(s, SET).to_string();
+        out.push(sep);
+        out.push_str(&enc(k));
+        out.push('=');
+        out.push_str(&enc(v));
+    }
+    Ok(out)
+}
+
 /// A TLS client config trusting `ca_pem`, optionally presenting a client certificate.
 pub fn client_tls(
     ca_pem: &str,

@@ -209,10 +209,13 @@ fn unauth(
     ProxyError::unauthenticated(method, code, reason)
 }
 
+/// Whether the query carries SigV4 presigning parameters (names compared
+/// after percent-decoding, as the parser sees them).
 fn has_presigned_query(query: Option<&str>) -> bool {
     query.is_some_and(|q| {
         q.split('&').any(|p| {
             let k = p.split('=').next().unwrap_or("");
+            let k = percent_encoding::percent_decode_str(k).decode_utf8_lossy();
             k.eq_ignore_ascii_case("X-Amz-Signature")
                 || k.eq_ignore_ascii_case("X-Amz-Credential")
                 || k.eq_ignore_ascii_case("X-Amz-Algorithm")
@@ -626,6 +629,15 @@ mod tests {
         ] {
             assert!(AwsPrincipal::from_arn(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn presigned_parameters_are_recognized_however_encoded() {
+        assert!(has_presigned_query(Some("a=1&X-Amz-Signature=00")));
+        assert!(has_presigned_query(Some("x-amz-credential=a")));
+        assert!(has_presigned_query(Some("X%2DAmz%2DAlgorithm=AWS4-HMAC-SHA256")));
+        assert!(!has_presigned_query(Some("X-Amz-Date=1&a=2")));
+        assert!(!has_presigned_query(None));
     }
 
     #[test]
