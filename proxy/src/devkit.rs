@@ -191,8 +191,11 @@ pub fn presign_sigv4(
     time: SystemTime,
     expires_in: std::time::Duration,
 ) -> Result<String, DevError> {
-    use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SignatureLocation, SigningSettings};
-    let creds = aws_credential_types::Credentials::new(key.access_key_id, key.secret, None, None, "devkit");
+    use aws_sigv4::http_request::{
+        sign, SignableBody, SignableRequest, SignatureLocation, SigningSettings,
+    };
+    let creds =
+        aws_credential_types::Credentials::new(key.access_key_id, key.secret, None, None, "devkit");
     let identity = creds.into();
     let mut settings = SigningSettings::default();
     settings.signature_location = SignatureLocation::QueryParams;
@@ -205,11 +208,20 @@ pub fn presign_sigv4(
         .settings(settings)
         .build()?
         .into();
-    let signable = SignableRequest::new(method, url, headers.iter().copied(), SignableBody::Bytes(&[]))?;
+    let signable = SignableRequest::new(
+        method,
+        url,
+        headers.iter().copied(),
+        SignableBody::Bytes(&[]),
+    )?;
     let (instructions, _) = sign(signable, &params)?.into_parts();
     let mut out = url.to_owned();
     for (i, (k, v)) in instructions.params().iter().enumerate() {
-        let sep = if i == 0 && !url.contains('?') { '?' } else { '&' };
+        let sep = if i == 0 && !url.contains('?') {
+            '?'
+        } else {
+            '&'
+        };
         const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
             .remove(b'-')
             .remove(b'_')

@@ -632,24 +632,43 @@ fn presigned(h: &Harness, method: &str, path: &str, time: SystemTime, expires: u
 async fn presigned_urls_are_accepted_until_they_expire() {
     let mut h = Harness::start().await;
     let target = presigned(&h, "GET", "/api/orders/7?view=full", SystemTime::now(), 60);
-    let rsp = h.send(h.request("GET", &target).body(empty()).unwrap()).await;
+    let rsp = h
+        .send(h.request("GET", &target).body(empty()).unwrap())
+        .await;
     assert_eq!(rsp.status, StatusCode::OK, "{}", rsp.text());
     let seen = h.upstream_got();
-    assert!(seen.uri.starts_with("/api/orders/7?view=full&X-Amz-"), "{}", seen.uri);
-    assert!(seen.headers["x-amzn-lattice-identity"].to_str().unwrap().contains("order-service-role"));
+    assert!(
+        seen.uri.starts_with("/api/orders/7?view=full&X-Amz-"),
+        "{}",
+        seen.uri
+    );
+    assert!(seen.headers["x-amzn-lattice-identity"]
+        .to_str()
+        .unwrap()
+        .contains("order-service-role"));
 
     // Signed two minutes ago for one minute: expired.
-    let old = presigned(&h, "GET", "/api/orders/7", SystemTime::now() - Duration::from_secs(120), 60);
+    let old = presigned(
+        &h,
+        "GET",
+        "/api/orders/7",
+        SystemTime::now() - Duration::from_secs(120),
+        60,
+    );
     let rsp = h.send(h.request("GET", &old).body(empty()).unwrap()).await;
     assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
     assert!(rsp.text().contains("request expired"), "{}", rsp.text());
 
     // A changed query parameter or method breaks the signature.
     let tampered = target.replace("view=full", "view=all");
-    let rsp = h.send(h.request("GET", &tampered).body(empty()).unwrap()).await;
+    let rsp = h
+        .send(h.request("GET", &tampered).body(empty()).unwrap())
+        .await;
     assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
     assert!(rsp.text().contains("signature mismatch"), "{}", rsp.text());
-    let rsp = h.send(h.request("DELETE", &target).body(empty()).unwrap()).await;
+    let rsp = h
+        .send(h.request("DELETE", &target).body(empty()).unwrap())
+        .await;
     assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
 
     // Presigned plus an Authorization header is two credentials.
@@ -660,6 +679,10 @@ async fn presigned_urls_are_accepted_until_they_expire() {
         .unwrap();
     let rsp = h.send(req).await;
     assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
-    assert!(rsp.text().contains("more than one credential"), "{}", rsp.text());
+    assert!(
+        rsp.text().contains("more than one credential"),
+        "{}",
+        rsp.text()
+    );
     h.assert_upstream_untouched();
 }

