@@ -93,8 +93,13 @@ impl Vector {
 }
 
 fn vectors() -> Vec<Vector> {
-    let root =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/aws-signing-test-suite/v4");
+    suite("v4")
+}
+
+fn suite(name: &str) -> Vec<Vector> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/vectors/aws-signing-test-suite")
+        .join(name);
     let mut out: Vec<Vector> = std::fs::read_dir(&root)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -411,5 +416,98 @@ fn scope_and_key_errors() {
             .verify(&req, &auth, &hash, v.time())
             .unwrap_err(),
         sigv4::SigError::SignatureMismatch
+    );
+}
+
+/// SigV4A (`AWS4-ECDSA-P256-SHA256`): the key derived from each vector's
+/// credentials is the suite's public key, the canonical requests match, and
+/// the signed requests verify in both forms (and fail once tampered).
+#[test]
+fn sigv4a_vectors_verify_in_both_forms() {
+    let mut checked = 0;
+    for v in suite("v4a") {
+        let creds = &v.context["credentials"];
+        let (akid, secret) = (
+            creds["access_key_id"].as_str().unwrap(),
+            creds["secret_access_key"].as_str().unwrap(),
+        );
+        let public: serde_json::Value = serde_json::from_str(&v.read("public-key.json")).unwrap();
+        let expected = format!(
+            "04{}{}",
+            public["X"].as_str().unwrap(),
+            public["Y"].as_str().unwrap()
+        );
+        assert_eq!(
+            hex::encode(sigv4::sigv4a_public_key(akid, secret).unwrap()),
+            expected.to_lowercase(),
+            "{}",
+            v.name
+        );
+        let verifier = verifier_for(&v);
+        for form in FORMS.into_iter().filter(|f| !skipped(&v, f)) {
+            let text = v.read(&format!("{form}-signed-request.txt"));
+            let req = parse_request(&text);
+            let auth = auth_of(&req, form);
+            assert_eq!(auth.algorithm, sigv4::SigAlg::V4a);
+            let hash = payload_hash(&req);
+            let what = format!("v4a {form} {}", v.name);
+            let canonical = sigv4::canonical_request(
+                &req,
+                &auth.signed_headers,
+                &hash,
+                encoding(&v),
+                form == "query",
+            )
+            .unwrap();
+            assert_eq!(
+                String::from_utf8(canonical).unwrap(),
+                v.read(&format!("{form}-canonical-request.txt")),
+                "{what}"
+            );
+            verifier
+                .verify(&req, &auth, &hash, v.time())
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let mut bad = parse_request(&text);
+            bad.path.push('x');
+            assert_eq!(
+                verifier.verify(&bad, &auth, &hash, v.time()).unwrap_err(),
+                sigv4::SigError::SignatureMismatch,
+                "{what}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 75, "38 cases in two forms, less the one skipped");
+}
+
+#[test]
+fn sigv4a_region_set_must_cover_a_configured_region() {
+    assert!(sigv4::region_set_covers("us-east-1", "us-east-1"));
+    assert!(sigv4::region_set_covers("eu-west-1,us-*", "us-east-1"));
+    assert!(sigv4::region_set_covers("*", "ap-south-1"));
+    assert!(!sigv4::region_set_covers("us-west-2", "us-east-1"));
+    assert!(!sigv4::region_set_covers("eu-*", "us-east-1"));
+    let v = suite("v4a")
+        .into_iter()
+        .find(|v| v.name == "get-vanilla")
+        .unwrap();
+    let req = parse_request(&v.read("header-signed-request.txt"));
+    let auth = auth_of(&req, "header");
+    let creds = &v.context["credentials"];
+    let elsewhere = Verifier::new(
+        vec!["eu-west-1".into()],
+        "service".into(),
+        Duration::from_secs(300),
+        vec![Credential::new(
+            creds["access_key_id"].as_str().unwrap(),
+            creds["secret_access_key"].as_str().unwrap(),
+            "arn:aws:iam::123456789012:user/v",
+        )],
+    );
+    assert_eq!(
+        elsewhere
+            .verify(&req, &auth, &payload_hash(&req), v.time())
+            .unwrap_err(),
+        sigv4::SigError::WrongScope("region set")
     );
 }

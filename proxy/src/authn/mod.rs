@@ -460,7 +460,9 @@ fn presented(authn: &Authenticator, req: &Request<Body>) -> Result<Presented, Pr
         return Ok(Presented::Peer(peer));
     };
     let bytes = value.as_bytes();
-    if bytes.starts_with(sigv4::ALGORITHM.as_bytes()) {
+    if bytes.starts_with(sigv4::ALGORITHM.as_bytes())
+        || bytes.starts_with(sigv4::ALGORITHM_V4A.as_bytes())
+    {
         return Ok(Presented::SigV4 { presigned: false });
     }
     if authn

@@ -18,6 +18,31 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 pub const ALGORITHM: &str = "AWS4-HMAC-SHA256";
+pub const ALGORITHM_V4A: &str = "AWS4-ECDSA-P256-SHA256";
+
+/// SigV4 (HMAC, one region) or SigV4A (ECDSA P-256, a region set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SigAlg {
+    V4,
+    V4a,
+}
+
+impl SigAlg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::V4 => ALGORITHM,
+            Self::V4a => ALGORITHM_V4A,
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            ALGORITHM => Some(Self::V4),
+            ALGORITHM_V4A => Some(Self::V4a),
+            _ => None,
+        }
+    }
+}
 pub const UNSIGNED_PAYLOAD: &str = "UNSIGNED-PAYLOAD";
 
 /// Why a signature was refused. The `Display` text is what the client sees.
@@ -72,48 +97,57 @@ impl SigError {
 /// `X-Amz-*` query parameters of a presigned URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Auth {
+    pub algorithm: SigAlg,
     pub access_key_id: String,
     pub date: String,
+    /// Empty for SigV4A, whose scope has no region (see `x-amz-region-set`).
     pub region: String,
     pub service: String,
     /// As sent: lowercase, sorted, `;`-separated.
     pub signed_headers: String,
-    pub signature: [u8; 32],
+    /// 32 bytes (SigV4) or a DER ECDSA signature (SigV4A).
+    pub signature: Vec<u8>,
     /// The presigned form's `X-Amz-Date` and `X-Amz-Expires`.
     pub presigned: Option<(String, Duration)>,
 }
 
 impl Auth {
     pub fn scope(&self) -> String {
-        format!(
-            "{}/{}/{}/aws4_request",
-            self.date, self.region, self.service
-        )
+        match self.algorithm {
+            SigAlg::V4 => format!(
+                "{}/{}/{}/aws4_request",
+                self.date, self.region, self.service
+            ),
+            SigAlg::V4a => format!("{}/{}/aws4_request", self.date, self.service),
+        }
     }
 }
 
 /// Longest validity of a presigned URL (7 days), as AWS allows.
 pub const MAX_EXPIRES: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// `key/date/region/service/aws4_request`.
-fn parse_credential(cred: &str) -> Result<(String, String, String, String), SigError> {
-    let mut it = cred.split('/');
-    let (Some(access_key_id), Some(date), Some(region), Some(service), Some(term), None) = (
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-        it.next(),
-    ) else {
-        return Err(SigError::Malformed(
-            "credential must be key/date/region/service/aws4_request",
-        ));
+/// `key/date/region/service/aws4_request` (SigV4A: no region).
+fn parse_credential(cred: &str, alg: SigAlg) -> Result<(String, String, String, String), SigError> {
+    let parts: Vec<&str> = cred.split('/').collect();
+    let (access_key_id, date, region, service, term) = match (alg, parts.as_slice()) {
+        (SigAlg::V4, [k, d, r, s, t]) => (*k, *d, *r, *s, *t),
+        (SigAlg::V4a, [k, d, s, t]) => (*k, *d, "*", *s, *t),
+        (SigAlg::V4, _) => {
+            return Err(SigError::Malformed(
+                "credential must be key/date/region/service/aws4_request",
+            ))
+        }
+        (SigAlg::V4a, _) => {
+            return Err(SigError::Malformed(
+                "credential must be key/date/service/aws4_request",
+            ))
+        }
     };
+    let region = if alg == SigAlg::V4a { "" } else { region };
     if term != "aws4_request" {
         return Err(SigError::Malformed("credential must end in aws4_request"));
     }
-    if access_key_id.is_empty() || region.is_empty() || service.is_empty() {
+    if access_key_id.is_empty() || (alg == SigAlg::V4 && region.is_empty()) || service.is_empty() {
         return Err(SigError::Malformed("empty credential component"));
     }
     if date.len() != 8 || !date.bytes().all(|b| b.is_ascii_digit()) {
@@ -127,20 +161,30 @@ fn parse_credential(cred: &str) -> Result<(String, String, String, String), SigE
     ))
 }
 
-fn parse_signature(sig: &str) -> Result<[u8; 32], SigError> {
-    let mut signature = [0u8; 32];
-    hex::decode_to_slice(sig, &mut signature)
-        .map_err(|_| SigError::Malformed("signature must be 64 hex digits"))?;
-    Ok(signature)
+fn parse_signature(sig: &str, alg: SigAlg) -> Result<Vec<u8>, SigError> {
+    match alg {
+        SigAlg::V4 => {
+            let mut signature = [0u8; 32];
+            hex::decode_to_slice(sig, &mut signature)
+                .map_err(|_| SigError::Malformed("signature must be 64 hex digits"))?;
+            Ok(signature.to_vec())
+        }
+        SigAlg::V4a => match hex::decode(sig) {
+            Ok(der) if (8..=72).contains(&der.len()) => Ok(der),
+            _ => Err(SigError::Malformed(
+                "signature must be a hex DER ECDSA signature",
+            )),
+        },
+    }
 }
 
 /// Parses the header value; each of `Credential`, `SignedHeaders`, `Signature`
 /// exactly once.
 pub fn parse_authorization(value: &str) -> Result<Auth, SigError> {
-    let rest = value
-        .strip_prefix(ALGORITHM)
-        .and_then(|r| r.strip_prefix(' '))
+    let (name, rest) = value
+        .split_once(' ')
         .ok_or(SigError::Malformed("unsupported algorithm"))?;
+    let alg = SigAlg::from_name(name).ok_or(SigError::Malformed("unsupported algorithm"))?;
     let (mut cred, mut signed, mut sig) = (None, None, None);
     for part in rest.split(',') {
         let part = part.trim();
@@ -160,10 +204,11 @@ pub fn parse_authorization(value: &str) -> Result<Auth, SigError> {
     let cred = cred.ok_or(SigError::Malformed("missing Credential"))?;
     let signed_headers = signed.ok_or(SigError::Malformed("missing SignedHeaders"))?;
     let sig = sig.ok_or(SigError::Malformed("missing Signature"))?;
-    let (access_key_id, date, region, service) = parse_credential(cred)?;
-    let signature = parse_signature(sig)?;
+    let (access_key_id, date, region, service) = parse_credential(cred, alg)?;
+    let signature = parse_signature(sig, alg)?;
     check_signed_headers(signed_headers)?;
     Ok(Auth {
+        algorithm: alg,
         access_key_id,
         date,
         region,
@@ -203,9 +248,7 @@ pub fn parse_presigned(raw_query: &str) -> Result<Auth, SigError> {
             "presigned URL lacks an X-Amz-* parameter",
         ));
     };
-    if alg != ALGORITHM {
-        return Err(SigError::Malformed("unsupported algorithm"));
-    }
+    let alg = SigAlg::from_name(&alg).ok_or(SigError::Malformed("unsupported algorithm"))?;
     let expires: u64 = expires
         .parse()
         .map_err(|_| SigError::Malformed("X-Amz-Expires must be a number of seconds"))?;
@@ -215,15 +258,16 @@ pub fn parse_presigned(raw_query: &str) -> Result<Auth, SigError> {
             "X-Amz-Expires must be 1 to 604800 seconds",
         ));
     }
-    let (access_key_id, cdate, region, service) = parse_credential(&cred)?;
+    let (access_key_id, cdate, region, service) = parse_credential(&cred, alg)?;
     check_signed_headers(&signed)?;
     Ok(Auth {
+        algorithm: alg,
         access_key_id,
         date: cdate,
         region,
         service,
         signed_headers: signed,
-        signature: parse_signature(&sig)?,
+        signature: parse_signature(&sig, alg)?,
         presigned: Some((date, expires)),
     })
 }
@@ -442,11 +486,40 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(digest::digest(&digest::SHA256, data))
 }
 
-pub fn string_to_sign(amz_date: &str, scope: &str, canonical_request: &[u8]) -> String {
+pub fn string_to_sign(
+    alg: SigAlg,
+    amz_date: &str,
+    scope: &str,
+    canonical_request: &[u8],
+) -> String {
     format!(
-        "{ALGORITHM}\n{amz_date}\n{scope}\n{}",
+        "{}\n{amz_date}\n{scope}\n{}",
+        alg.as_str(),
         sha256_hex(canonical_request)
     )
+}
+
+/// Whether a SigV4A region set (`us-east-1,eu-*` or `*`) covers `region`.
+pub fn region_set_covers(set: &str, region: &str) -> bool {
+    set.split(',')
+        .map(str::trim)
+        .any(|entry| match entry.strip_suffix('*') {
+            Some(prefix) => region.starts_with(prefix),
+            None => entry == region,
+        })
+}
+
+/// The SigV4A public key (uncompressed P-256 point) of a credential, derived
+/// as the SigV4A spec does from the access key id and secret.
+pub fn sigv4a_public_key(access_key_id: &str, secret: &str) -> Option<Vec<u8>> {
+    let scalar = aws_sigv4::sign::v4a::generate_signing_key(access_key_id, secret);
+    let private = aws_lc_rs::agreement::PrivateKey::from_private_key(
+        &aws_lc_rs::agreement::ECDH_P256,
+        scalar.as_ref(),
+    )
+    .ok()?;
+    let public = private.compute_public_key().ok()?;
+    Some(public.as_ref().to_vec())
 }
 
 /// Parses `YYYYMMDDTHHMMSSZ`.
@@ -622,6 +695,9 @@ pub struct Verifier {
     credentials: HashMap<String, Credential>,
     /// Used for unknown keys so they cost the same work as known ones.
     decoy: Credential,
+    /// SigV4A public keys, derived once per credential (and the decoy's).
+    v4a_keys: HashMap<String, Vec<u8>>,
+    decoy_v4a: Vec<u8>,
     keys: Option<KeyCache>,
     replay: Option<ReplayGuard>,
 }
@@ -633,6 +709,20 @@ impl Verifier {
         max_skew: Duration,
         credentials: Vec<Credential>,
     ) -> Self {
+        let decoy = Credential::new(
+            "decoy",
+            "decoy-secret-never-matches",
+            "arn:aws:iam::000000000000:user/decoy",
+        );
+        let v4a_keys = credentials
+            .iter()
+            .filter_map(|c| {
+                sigv4a_public_key(&c.access_key_id, &c.secret_access_key)
+                    .map(|k| (c.access_key_id.clone(), k))
+            })
+            .collect();
+        let decoy_v4a =
+            sigv4a_public_key(&decoy.access_key_id, &decoy.secret_access_key).unwrap_or_default();
         Self {
             regions,
             service,
@@ -642,11 +732,9 @@ impl Verifier {
                 .into_iter()
                 .map(|c| (c.access_key_id.clone(), c))
                 .collect(),
-            decoy: Credential::new(
-                "decoy",
-                "decoy-secret-never-matches",
-                "arn:aws:iam::000000000000:user/decoy",
-            ),
+            decoy,
+            v4a_keys,
+            decoy_v4a,
             keys: Some(KeyCache::default()),
             replay: None,
         }
@@ -678,8 +766,34 @@ impl Verifier {
         payload_hash: &str,
         now: SystemTime,
     ) -> Result<Verified<'s>, SigError> {
-        if !self.regions.contains(&auth.region) {
-            return Err(SigError::WrongScope("region"));
+        match auth.algorithm {
+            SigAlg::V4 if !self.regions.contains(&auth.region) => {
+                return Err(SigError::WrongScope("region"));
+            }
+            SigAlg::V4 => {}
+            SigAlg::V4a => {
+                // The region set travels in a signed header or the signed query.
+                let set = match &auth.presigned {
+                    Some(_) => query_value(req.raw_query(), "X-Amz-Region-Set")?,
+                    None => {
+                        if !auth
+                            .signed_headers
+                            .split(';')
+                            .any(|n| n == "x-amz-region-set")
+                        {
+                            return Err(SigError::MustSign("x-amz-region-set"));
+                        }
+                        match req.header_values("x-amz-region-set").as_slice() {
+                            [one] => std::str::from_utf8(one).ok().map(str::to_owned),
+                            _ => None,
+                        }
+                    }
+                }
+                .ok_or(SigError::MissingSignedHeader("x-amz-region-set".to_owned()))?;
+                if !self.regions.iter().any(|r| region_set_covers(&set, r)) {
+                    return Err(SigError::WrongScope("region set"));
+                }
+            }
         }
         if auth.service != self.service {
             return Err(SigError::WrongScope("service"));
@@ -727,9 +841,30 @@ impl Verifier {
             self.encoding,
             auth.presigned.is_some(),
         )?;
-        let sts = string_to_sign(amz_date, &auth.scope(), &canonical);
+        let sts = string_to_sign(auth.algorithm, amz_date, &auth.scope(), &canonical);
         let known = self.credentials.get(&auth.access_key_id);
         let credential = known.unwrap_or(&self.decoy);
+        if auth.algorithm == SigAlg::V4a {
+            let public = match known {
+                Some(c) => self
+                    .v4a_keys
+                    .get(&c.access_key_id)
+                    .unwrap_or(&self.decoy_v4a),
+                None => &self.decoy_v4a,
+            };
+            let valid = aws_lc_rs::signature::UnparsedPublicKey::new(
+                &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+                public,
+            )
+            .verify(sts.as_bytes(), &auth.signature)
+            .is_ok();
+            let credential = match known {
+                None => return Err(SigError::UnknownAccessKey),
+                Some(c) if valid => c,
+                Some(_) => return Err(SigError::SignatureMismatch),
+            };
+            return self.finish(credential, auth, valid_until, now);
+        }
         let key = match &self.keys {
             Some(cache) => cache.get_or_derive(
                 credential,
@@ -755,14 +890,42 @@ impl Verifier {
             Some(c) if decoded && equal => c,
             Some(_) => return Err(SigError::SignatureMismatch),
         };
+        self.finish(credential, auth, valid_until, now)
+    }
+
+    /// The replay guard, then the verdict.
+    fn finish<'s>(
+        &'s self,
+        credential: &'s Credential,
+        auth: &Auth,
+        valid_until: SystemTime,
+        now: SystemTime,
+    ) -> Result<Verified<'s>, SigError> {
         if let Some(guard) = &self.replay {
-            guard.check(&auth.signature, epoch_secs(valid_until), epoch_secs(now))?;
+            let mut id = [0u8; 32];
+            id.copy_from_slice(digest::digest(&digest::SHA256, &auth.signature).as_ref());
+            guard.check(&id, epoch_secs(valid_until), epoch_secs(now))?;
         }
         Ok(Verified {
             credential,
             presigned: auth.presigned.is_some(),
         })
     }
+}
+
+/// The decoded value of a query parameter that appears exactly once.
+fn query_value(raw_query: Option<&str>, name: &str) -> Result<Option<String>, SigError> {
+    let mut found = None;
+    for pair in raw_query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if percent_decode(k)? == name.as_bytes() {
+            if found.is_some() {
+                return Err(SigError::Malformed("repeated X-Amz-* query parameter"));
+            }
+            found = Some(String::from_utf8(percent_decode(v)?).map_err(|_| SigError::BadQuery)?);
+        }
+    }
+    Ok(found)
 }
 
 #[cfg(test)]
