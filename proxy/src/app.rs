@@ -13,7 +13,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Admin;
 use crate::audit::DecisionLog;
-use crate::authn::{jwks, jwt, sigv4, Authenticator, SigV4State};
+use crate::authn::{jwks, jwt, sigv4, sts, Authenticator, SigV4State};
 use crate::authz::PolicySnapshot;
 use crate::config::Config;
 use crate::listener::{self, ConnSettings};
@@ -62,9 +62,17 @@ pub fn load(cfg: &Config) -> Result<Loaded, String> {
         }
         issuers.push(issuer);
     }
+    let sts = cfg
+        .authn
+        .sts
+        .as_ref()
+        .map(|s| sts::StsVerifier::new(s, &cfg.service.name))
+        .transpose()?;
     let authn = Authenticator {
         sigv4,
         jwt: jwt::JwtVerifier::new(issuers),
+        sts,
+        accounts: cfg.authn.aws.accounts.clone(),
         mtls_trust_domains: cfg
             .listener
             .tls

@@ -32,6 +32,28 @@ pub enum Command {
     },
     /// Start an embedded upstream and the real proxy, send sample requests, print decisions.
     Demo,
+    /// Local-dev helpers: mint credentials for a warden-protected service.
+    Token {
+        #[command(subcommand)]
+        kind: TokenKind,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenKind {
+    /// Print an STS-backed bearer token (`k8s-aws-v1.…`) from the caller's AWS
+    /// credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN).
+    Sts {
+        /// The audience warden expects (its `[authn.sts] audience`).
+        #[arg(long)]
+        audience: String,
+        /// The region whose STS endpoint signs (AWS_REGION, else us-east-1).
+        #[arg(long)]
+        region: Option<String>,
+        /// The STS endpoint (default: https://sts.REGION.amazonaws.com).
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
 }
 
 /// Exit code for configuration errors (EX_CONFIG-like, as sysexits' EX_USAGE).
@@ -97,6 +119,23 @@ pub fn main() -> ExitCode {
             };
             rt.block_on(run(cfg))
         }
+        Command::Token {
+            kind:
+                TokenKind::Sts {
+                    audience,
+                    region,
+                    endpoint,
+                },
+        } => match sts_token(&audience, region, endpoint) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Demo => {
             let rt = match runtime(Some(2)) {
                 Ok(rt) => rt,
@@ -114,6 +153,31 @@ pub fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn sts_token(
+    audience: &str,
+    region: Option<String>,
+    endpoint: Option<String>,
+) -> Result<String, String> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let access_key_id = var("AWS_ACCESS_KEY_ID").ok_or("AWS_ACCESS_KEY_ID is not set")?;
+    let secret = var("AWS_SECRET_ACCESS_KEY").ok_or("AWS_SECRET_ACCESS_KEY is not set")?;
+    let session_token = var("AWS_SESSION_TOKEN");
+    let region = region
+        .or_else(|| var("AWS_REGION"))
+        .or_else(|| var("AWS_DEFAULT_REGION"))
+        .unwrap_or_else(|| "us-east-1".to_owned());
+    let endpoint = endpoint.unwrap_or_else(|| format!("https://sts.{region}.amazonaws.com"));
+    let key = crate::devkit::SigV4Key {
+        access_key_id: &access_key_id,
+        secret: &secret,
+        session_token: session_token.as_deref(),
+        region: &region,
+        service: "sts",
+    };
+    crate::devkit::sts_token(&key, &endpoint, audience, std::time::SystemTime::now())
+        .map_err(|e| e.to_string())
 }
 
 async fn run(cfg: Config) -> ExitCode {

@@ -258,6 +258,8 @@ pub struct StsConfig {
     pub audience: Option<String>,
     #[serde(default = "secs::<300>", deserialize_with = "duration")]
     pub cache_ttl: Duration,
+    /// PEM CA bundle trusted for the endpoint (default: the Mozilla roots).
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_audience_header() -> String {
@@ -579,6 +581,9 @@ impl Config {
         if let Some(s) = &mut self.authn.sigv4 {
             fix(&mut s.credentials);
         }
+        if let Some(f) = self.authn.sts.as_mut().and_then(|s| s.ca_file.as_mut()) {
+            fix(f);
+        }
         for j in &mut self.authn.jwt {
             if let Some(f) = &mut j.jwks_file {
                 fix(f);
@@ -598,10 +603,15 @@ impl Config {
 
     /// Refuses what parses but is not supported yet, and inconsistent settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.authn.sts.is_some() {
-            return Err(ConfigError::new(
-                "[authn.sts]: STS-backed tokens are not supported yet",
-            ));
+        if let Some(sts) = &self.authn.sts {
+            check_fetch_url(&sts.endpoint)
+                .map_err(|e| ConfigError::new(format!("[authn.sts] endpoint: {e}")))?;
+            if http::HeaderName::from_bytes(sts.audience_header.as_bytes()).is_err() {
+                return Err(ConfigError::new(format!(
+                    "[authn.sts] `audience_header` `{}` is not a header name",
+                    sts.audience_header
+                )));
+            }
         }
         let mut clusters = std::collections::BTreeSet::new();
         let mut issuers = std::collections::BTreeSet::new();
@@ -787,8 +797,10 @@ mod tests {
     }
 
     #[test]
-    fn sts_is_refused_for_now() {
+    fn sts_endpoint_must_be_https() {
         let cfg = parse("[authn.sts]\nendpoint = \"https://sts.amazonaws.com\"\n").unwrap();
-        assert!(cfg.validate().unwrap_err().0.contains("not supported yet"));
+        assert!(cfg.validate().is_ok());
+        let cfg = parse("[authn.sts]\nendpoint = \"http://sts.amazonaws.com\"\n").unwrap();
+        assert!(cfg.validate().unwrap_err().0.contains("https"));
     }
 }

@@ -150,6 +150,7 @@ policies = "policies"
     let key = SigV4Key {
         access_key_id: ACCESS_KEY,
         secret: &secret,
+        session_token: None,
         region: "us-east-1",
         service: "vpc-lattice-svcs",
     };

@@ -135,6 +135,8 @@ pub fn now_secs() -> u64 {
 pub struct SigV4Key<'a> {
     pub access_key_id: &'a str,
     pub secret: &'a str,
+    /// Temporary credentials' session token, signed as `x-amz-security-token`.
+    pub session_token: Option<&'a str>,
     pub region: &'a str,
     pub service: &'a str,
 }
@@ -234,6 +236,39 @@ pub fn presign_sigv4(
         out.push_str(&enc(v));
     }
     Ok(out)
+}
+
+/// An STS-backed bearer token (`k8s-aws-v1.…`), as `aws eks get-token` makes:
+/// a presigned `sts:GetCallerIdentity` URL with `audience` in the signed
+/// `x-k8s-aws-id` header, valid for 60 s.
+pub fn sts_token(
+    key: &SigV4Key<'_>,
+    endpoint: &str,
+    audience: &str,
+    time: SystemTime,
+) -> Result<String, DevError> {
+    let url = format!(
+        "{}/?Action=GetCallerIdentity&Version=2011-06-15",
+        endpoint.trim_end_matches('/')
+    );
+    let host = url
+        .parse::<http::Uri>()?
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .ok_or("endpoint has no host")?;
+    let presigned = presign_sigv4(
+        key,
+        "GET",
+        &url,
+        &[("host", host.as_str()), ("x-k8s-aws-id", audience)],
+        time,
+        std::time::Duration::from_secs(60),
+    )?;
+    Ok(format!(
+        "{}{}",
+        crate::authn::sts::PREFIX,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(presigned)
+    ))
 }
 
 /// A TLS client config trusting `ca_pem`, optionally presenting a client certificate.

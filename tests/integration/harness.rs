@@ -241,6 +241,7 @@ policies = "{policies}"
         let key = SigV4Key {
             access_key_id: ACCESS_KEY,
             secret: how.secret,
+            session_token: None,
             region: REGION,
             service: SERVICE,
         };

@@ -611,6 +611,7 @@ fn presigned(h: &Harness, method: &str, path: &str, time: SystemTime, expires: u
     let key = warden::devkit::SigV4Key {
         access_key_id: super::harness::ACCESS_KEY,
         secret: super::harness::SECRET,
+        session_token: None,
         region: super::harness::REGION,
         service: super::harness::SERVICE,
     };

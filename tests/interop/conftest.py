@@ -167,8 +167,44 @@ class KeyServer:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
+class MotoSts:
+    """moto's STS backend on a loopback port. moto reads the caller's access
+    key only from an Authorization header, so presigned GETs get one made
+    from their X-Amz-Credential. Counts requests; can be switched off (503)."""
+
+    def __init__(self):
+        import urllib.parse
+        from moto.moto_server.werkzeug_app import create_backend_app
+        from werkzeug.serving import make_server
+
+        app = create_backend_app("sts")
+        self.requests = 0
+        self.up = True
+        outer = self
+
+        def wrapped(environ, start_response):
+            qs = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+            cred = qs.get("X-Amz-Credential", [None])[0]
+            if environ["REQUEST_METHOD"] == "GET":
+                outer.requests += 1
+                outer.last_audience = environ.get("HTTP_X_K8S_AWS_ID")
+                if not outer.up:
+                    start_response("503 Service Unavailable", [("content-length", "0")])
+                    return [b""]
+            if cred and "HTTP_AUTHORIZATION" not in environ:
+                environ["HTTP_AUTHORIZATION"] = (
+                    f"AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders=host, Signature=0")
+            return app(environ, start_response)
+
+        self.server = make_server("127.0.0.1", 0, wrapped)
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 class Warden:
-    def __init__(self, d: Path, upstream_port: int, keys_port: int, client_auth: str = "optional"):
+    def __init__(self, d: Path, upstream_port: int, keys_port: int, sts_port: int,
+                 client_auth: str = "optional"):
         cfg = d / f"warden-{client_auth}.toml"
         cfg.write_text(f"""
 [listener]
@@ -195,6 +231,10 @@ credentials = "credentials.toml"
 
 [authn.aws]
 accounts = {{ "123456789012" = "o-exampleorgid" }}
+
+[authn.sts]
+endpoint = "http://127.0.0.1:{sts_port}"
+cache_ttl = "5m"
 
 [[authn.jwt]]
 issuer = "{ISSUER}"
@@ -285,7 +325,8 @@ class Env:
         self.workload_keys = make_workload_keys()
         jwks = {"keys": [k["public"] for k in self.workload_keys.values()]}
         self.key_server = KeyServer(d, {"/eks/keys": jwks, "/spire/keys": jwks})
-        self.warden = Warden(d, self.upstream.port, self.key_server.port)
+        self.sts = MotoSts()
+        self.warden = Warden(d, self.upstream.port, self.key_server.port, self.sts.port)
         self.host = f"localhost:{self.warden.port}"
 
     def tls(self):
@@ -317,6 +358,6 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def strict(env):
     """A second warden over the same files, with client certificates required."""
-    w = Warden(env.dir, env.upstream.port, env.key_server.port, client_auth="required")
+    w = Warden(env.dir, env.upstream.port, env.key_server.port, env.sts.port, client_auth="required")
     yield w
     assert w.stop() == 0

@@ -286,17 +286,46 @@ impl Fetcher {
     /// GETs `url`; returns the body and the `cache-control: max-age`, if any.
     pub async fn get(&self, url: &str) -> Result<(Bytes, Option<Duration>), String> {
         check_fetch_url(url)?;
-        tokio::time::timeout(FETCH_TIMEOUT, self.get_inner(url))
-            .await
-            .map_err(|_| format!("`{url}`: timed out"))?
+        let uri: Uri = url.parse().map_err(|_| format!("`{url}` is not a URL"))?;
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
+        let (status, headers, body) = tokio::time::timeout(
+            FETCH_TIMEOUT,
+            self.request(
+                &uri,
+                &authority,
+                &[("accept", "application/json")],
+                MAX_DOCUMENT,
+            ),
+        )
+        .await
+        .map_err(|_| format!("`{url}`: timed out"))??;
+        if status != StatusCode::OK {
+            return Err(format!("`{url}`: status {status}"));
+        }
+        let max_age = headers
+            .get(header::CACHE_CONTROL)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_max_age);
+        Ok((body, max_age))
     }
 
-    async fn get_inner(&self, url: &str) -> Result<(Bytes, Option<Duration>), String> {
-        let uri: Uri = url.parse().map_err(|_| format!("`{url}` is not a URL"))?;
-        let host = uri.host().ok_or_else(|| format!("`{url}` has no host"))?;
+    /// One GET to `uri`'s host and port with the given `host` header and
+    /// extra headers; never follows redirects; reads at most `max` bytes.
+    pub async fn request(
+        &self,
+        uri: &Uri,
+        host: &str,
+        extra: &[(&str, &str)],
+        max: usize,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), String> {
+        let url = uri.to_string();
+        let target = uri.host().ok_or_else(|| format!("`{url}` has no host"))?;
         let https = uri.scheme_str() == Some("https");
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let bare = host
+        let bare = target
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_owned();
@@ -304,14 +333,12 @@ impl Fetcher {
             .await
             .map_err(|e| format!("`{url}`: {e}"))?;
         let _ = tcp.set_nodelay(true);
-        let authority = uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .unwrap_or_default();
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-        let req = Request::get(path)
-            .header(header::HOST, authority)
-            .header(header::ACCEPT, "application/json")
+        let mut req = Request::get(path).header(header::HOST, host);
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        let req = req
             .body(Empty::<Bytes>::new())
             .map_err(|e| format!("`{url}`: {e}"))?;
         let rsp = if https {
@@ -325,20 +352,13 @@ impl Fetcher {
             send(TokioIo::new(tcp), req).await
         }
         .map_err(|e| format!("`{url}`: {e}"))?;
-        if rsp.status() != StatusCode::OK {
-            return Err(format!("`{url}`: status {}", rsp.status()));
-        }
-        let max_age = rsp
-            .headers()
-            .get(header::CACHE_CONTROL)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_max_age);
-        let body = Limited::new(rsp.into_body(), MAX_DOCUMENT)
+        let (parts, body) = rsp.into_parts();
+        let body = Limited::new(body, max)
             .collect()
             .await
             .map_err(|e| format!("`{url}`: {e}"))?
             .to_bytes();
-        Ok((body, max_age))
+        Ok((parts.status, parts.headers, body))
     }
 }
 

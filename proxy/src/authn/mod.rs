@@ -9,6 +9,7 @@ pub mod jwks;
 pub mod jwt;
 pub mod mtls;
 pub mod sigv4;
+pub mod sts;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -195,6 +196,9 @@ pub struct SigV4State {
 pub struct Authenticator {
     pub sigv4: Option<SigV4State>,
     pub jwt: jwt::JwtVerifier,
+    pub sts: Option<sts::StsVerifier>,
+    /// Account id -> organization id (`[authn.aws].accounts`).
+    pub accounts: BTreeMap<String, String>,
     /// SPIFFE trust domains a client certificate may assert (absent = any).
     pub mtls_trust_domains: Option<Vec<String>>,
 }
@@ -411,6 +415,7 @@ async fn authenticate_sigv4(
 /// The one credential a request carries.
 enum Presented {
     SigV4 { presigned: bool },
+    Sts(String),
     Bearer(String),
     Peer(Option<PeerCert>),
 }
@@ -477,12 +482,8 @@ fn presented(authn: &Authenticator, req: &Request<Body>) -> Result<Presented, Pr
         let token = std::str::from_utf8(&bytes[7..])
             .map_err(|_| unauth("jwt", "malformed", "malformed token"))?
             .trim();
-        if token.starts_with("k8s-aws-v1.") {
-            return Err(unauth(
-                "sts",
-                "unsupported",
-                "STS tokens are not supported yet",
-            ));
+        if token.starts_with(sts::PREFIX) {
+            return Ok(Presented::Sts(token.to_owned()));
         }
         return Ok(Presented::Bearer(token.to_owned()));
     }
@@ -500,6 +501,35 @@ async fn authenticate(
 ) -> Result<(Request<Body>, Identity), ProxyError> {
     match presented(&authn, &req)? {
         Presented::SigV4 { presigned } => authenticate_sigv4(authn, req, presigned).await,
+        Presented::Sts(token) => {
+            let Some(verifier) = authn.sts.as_ref() else {
+                return Err(unauth(
+                    "sts",
+                    "not_configured",
+                    "sts tokens are not configured",
+                ));
+            };
+            let id = verifier.verify(&token).await.map_err(|e| match e {
+                sts::StsError::Unavailable => ProxyError::Unavailable {
+                    reason: e.to_string().into(),
+                    retry_after: std::time::Duration::from_secs(1),
+                },
+                e => unauth("sts", e.code(), e.to_string()),
+            })?;
+            let org_id = authn.accounts.get(&id.principal.account).cloned();
+            let identity = Identity {
+                principal: Principal::Aws(id.principal),
+                method: "sts",
+                aws: Some(AwsFacts {
+                    access_key_id: id.access_key_id,
+                    org_id,
+                    tags: BTreeMap::new(),
+                    presigned: false,
+                }),
+                jwt: None,
+            };
+            Ok((req, identity))
+        }
         Presented::Bearer(token) => {
             let (principal, claims) = authn.jwt.verify(&token).await.map_err(|e| match e {
                 jwt::JwtError::KeysUnavailable => ProxyError::Unavailable {
