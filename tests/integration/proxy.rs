@@ -632,14 +632,20 @@ fn presigned(h: &Harness, method: &str, path: &str, time: SystemTime, expires: u
 #[tokio::test]
 async fn presigned_urls_are_accepted_until_they_expire() {
     let mut h = Harness::start().await;
-    let target = presigned(&h, "GET", "/api/orders/7?view=full", SystemTime::now(), 60);
+    let target = presigned(
+        &h,
+        "GET",
+        "/api/downloads/7?view=full",
+        SystemTime::now(),
+        60,
+    );
     let rsp = h
         .send(h.request("GET", &target).body(empty()).unwrap())
         .await;
     assert_eq!(rsp.status, StatusCode::OK, "{}", rsp.text());
     let seen = h.upstream_got();
     assert!(
-        seen.uri.starts_with("/api/orders/7?view=full&X-Amz-"),
+        seen.uri.starts_with("/api/downloads/7?view=full&X-Amz-"),
         "{}",
         seen.uri
     );
@@ -647,6 +653,16 @@ async fn presigned_urls_are_accepted_until_they_expire() {
         .to_str()
         .unwrap()
         .contains("order-service-role"));
+    assert_eq!(h.next_log()["policies"][0], "presigned-downloads");
+    // `presigned-only-downloads`: the same role, presigned, may not read orders.
+    let orders = presigned(&h, "GET", "/api/orders/7", SystemTime::now(), 60);
+    let rsp = h
+        .send(h.request("GET", &orders).body(empty()).unwrap())
+        .await;
+    assert_eq!(rsp.status, StatusCode::FORBIDDEN);
+    let log = h.next_log();
+    assert_eq!(log["decision"], "deny");
+    assert_eq!(log["policies"][0], "presigned-only-downloads");
 
     // Signed two minutes ago for one minute: expired.
     let old = presigned(

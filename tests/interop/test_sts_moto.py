@@ -136,3 +136,11 @@ def test_warden_token_sts_cli(env, creds):
     assert token.startswith("k8s-aws-v1.")
     status, body = call(env, token)
     assert status == 200, body
+
+
+@pytest.mark.parametrize("session,expect", [("batch-nightly", 200), ("checkout-7d4b9c", 403)])
+def test_session_name_condition(env, session, expect):
+    # `orders-batch-sessions-post-reports`: only `batch-*` sessions may post reports.
+    token = mint(env, assume(env, session))
+    status, body = env.send("POST", "/api/reports/", {"Authorization": f"Bearer {token}"}, b"{}")
+    assert status == expect, body
