@@ -703,3 +703,23 @@ async fn presigned_urls_are_accepted_until_they_expire() {
     );
     h.assert_upstream_untouched();
 }
+
+#[tokio::test]
+async fn sigv4_over_http2_signs_the_authority() {
+    let mut h = Harness::start().await;
+    let body: &'static [u8] = b"{\"via\":\"h2\"}";
+    let mut req = http::Request::post(h.url("/api/orders/"));
+    // No `host` header on HTTP/2: `:authority` stands in for it.
+    for (k, v) in h.sign("POST", "/api/orders/", body, Signing::default()) {
+        if k != "host" {
+            req = req.header(k, v);
+        }
+    }
+    let req = req.body(Full::new(Bytes::from_static(body))).unwrap();
+    assert!(!req.headers().contains_key("host"));
+    let rsp = warden::devkit::send(h.addr, h.tls(false, &[b"h2"]), true, req)
+        .await
+        .unwrap();
+    assert_eq!(rsp.status, StatusCode::OK, "{}", rsp.text());
+    assert_eq!(h.upstream_got().body.as_ref(), body);
+}
