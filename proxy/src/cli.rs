@@ -30,12 +30,51 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Decide one request offline: prints ALLOW or DENY and the determining policies.
+    /// Exit 0 allow, 1 deny.
+    Authorize {
+        #[arg(long)]
+        config: PathBuf,
+        /// A Cedar principal, like `Aws::Role::"arn:aws:iam::123456789012:role/x"`.
+        #[arg(long)]
+        principal: String,
+        #[arg(long)]
+        method: String,
+        /// The request path (and query), as a client would send it.
+        #[arg(long)]
+        path: String,
+        /// `name:value`, repeatable.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// JSON: `source_ip`, `host`, `port`, `session_name`, `presigned`.
+        #[arg(long)]
+        context: Option<String>,
+    },
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Start an embedded upstream and the real proxy, send sample requests, print decisions.
     Demo,
     /// Local-dev helpers: mint credentials for a warden-protected service.
     Token {
         #[command(subcommand)]
         kind: TokenKind,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Run request -> expected-decision cases against the policy directory.
+    Test {
+        cases: PathBuf,
+        /// Whose `[authz]` and `[service]` to use (default: the embedded config, ./policies).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override the policy directory (its schema.cedarschema unless the config names one).
+        #[arg(long)]
+        policies: Option<PathBuf>,
     },
 }
 
@@ -119,6 +158,29 @@ pub fn main() -> ExitCode {
             };
             rt.block_on(run(cfg))
         }
+        Command::Authorize {
+            config,
+            principal,
+            method,
+            path,
+            headers,
+            context,
+        } => authorize(
+            &config,
+            &principal,
+            &method,
+            &path,
+            &headers,
+            context.as_deref(),
+        ),
+        Command::Policy {
+            command:
+                PolicyCommand::Test {
+                    cases,
+                    config,
+                    policies,
+                },
+        } => policy_test(&cases, config.as_deref(), policies),
         Command::Token {
             kind:
                 TokenKind::Sts {
@@ -152,6 +214,84 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn config_error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn authorize(
+    config: &std::path::Path,
+    principal: &str,
+    method: &str,
+    path: &str,
+    headers: &[String],
+    context: Option<&str>,
+) -> ExitCode {
+    let cfg = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => return config_error(e),
+    };
+    let extra: crate::tools::Extra = match context.map(serde_json::from_str).transpose() {
+        Ok(e) => e.unwrap_or_default(),
+        Err(e) => return config_error(format!("--context: {e}")),
+    };
+    let outcome = crate::tools::load_policies(&cfg).and_then(|policies| {
+        let headers = crate::tools::headers_of(headers)?;
+        crate::tools::decide(&policies, &cfg, principal, method, path, &headers, &extra)
+    });
+    match outcome {
+        Ok(d) => {
+            println!("{}", if d.allow { "ALLOW" } else { "DENY" });
+            let ids = if d.policies.is_empty() {
+                "(none: default deny)".to_owned()
+            } else {
+                d.policies.join(", ")
+            };
+            println!("policies: {ids}");
+            println!("policy set: {}", d.policy_set);
+            if d.allow {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => config_error(e),
+    }
+}
+
+fn policy_test(
+    cases: &std::path::Path,
+    config: Option<&std::path::Path>,
+    policies: Option<PathBuf>,
+) -> ExitCode {
+    let cfg = match config
+        .map(Config::load)
+        .unwrap_or_else(|| Ok(Config::embedded()))
+    {
+        Ok(c) => c,
+        Err(e) => return config_error(e),
+    };
+    let mut cfg = cfg;
+    if let Some(dir) = policies {
+        cfg.authz.policies = dir;
+    }
+    match crate::tools::run_cases(cases, &cfg) {
+        Ok((lines, all)) => {
+            let failed = lines.iter().filter(|l| l.starts_with("FAIL")).count();
+            for line in &lines {
+                println!("{line}");
+            }
+            println!("{} passed, {failed} failed", lines.len() - failed);
+            if all {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => config_error(e),
     }
 }
 

@@ -24,6 +24,7 @@ pub mod normalize;
 pub mod observe;
 pub mod pipeline;
 pub mod strip;
+pub mod tools;
 pub mod trace;
 
 /// Installs the one crypto provider used for everything (aws-lc-rs). Idempotent.

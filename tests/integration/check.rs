@@ -102,3 +102,184 @@ fn rejects_a_policy_with_an_attribute_the_schema_lacks() {
     assert_eq!(code, 64, "{out}");
     assert!(out.contains("ctx.cedar:3"), "{out}");
 }
+
+fn warden(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_warden"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn shipped() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/shipped-policies.toml")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn authorize_prints_the_decision_and_exits_0_or_1() {
+    let cfg = shipped();
+    let role = "Aws::Role::\"arn:aws:iam::123456789012:role/order-service-role\"";
+    let (code, out) = warden(&[
+        "authorize",
+        "--config",
+        &cfg,
+        "--principal",
+        role,
+        "--method",
+        "GET",
+        "--path",
+        "/api/orders/1",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.starts_with("ALLOW\npolicies: orders-role-invoke"),
+        "{out}"
+    );
+    let (code, out) = warden(&[
+        "authorize",
+        "--config",
+        &cfg,
+        "--principal",
+        role,
+        "--method",
+        "DELETE",
+        "--path",
+        "/api/admin/1",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("DENY\npolicies: no-admin-writes"), "{out}");
+    let (code, out) = warden(&[
+        "authorize",
+        "--config",
+        &cfg,
+        "--principal",
+        "Warden::Anonymous::\"anonymous\"",
+        "--method",
+        "GET",
+        "--path",
+        "/api/orders/1",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("default deny"), "{out}");
+    // Session names and presigning come from --context.
+    let (code, out) = warden(&[
+        "authorize",
+        "--config",
+        &cfg,
+        "--principal",
+        role,
+        "--method",
+        "POST",
+        "--path",
+        "/api/reports/x",
+        "--context",
+        "{\"session_name\": \"batch-1\"}",
+    ]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn authorize_refuses_bad_input_clearly() {
+    let cfg = shipped();
+    for (args, want) in [
+        (
+            vec![
+                "--principal",
+                "Nope::X::\"a\"",
+                "--method",
+                "GET",
+                "--path",
+                "/",
+            ],
+            "unknown principal type",
+        ),
+        (
+            vec![
+                "--principal",
+                "Aws::Role::\"not-an-arn\"",
+                "--method",
+                "GET",
+                "--path",
+                "/",
+            ],
+            "not an IAM role",
+        ),
+        (
+            vec![
+                "--principal",
+                "Warden::Anonymous::\"anonymous\"",
+                "--method",
+                "TRACE",
+                "--path",
+                "/",
+            ],
+            "405",
+        ),
+        (
+            vec![
+                "--principal",
+                "Warden::Anonymous::\"anonymous\"",
+                "--method",
+                "GET",
+                "--path",
+                "/a/../../b",
+            ],
+            "400",
+        ),
+        (
+            vec![
+                "--principal",
+                "Warden::Anonymous::\"anonymous\"",
+                "--method",
+                "GET",
+                "--path",
+                "/",
+                "--context",
+                "{\"nope\":1}",
+            ],
+            "nope",
+        ),
+    ] {
+        let mut all = vec!["authorize", "--config", cfg.as_str()];
+        all.extend(args);
+        let (code, out) = warden(&all);
+        assert_eq!(code, 64, "{out}");
+        assert!(out.contains(want), "{want}: {out}");
+    }
+}
+
+#[test]
+fn policy_test_passes_the_shipped_cases_and_fails_a_wrong_expectation() {
+    let cases = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/tests/cases.json");
+    let (code, out) = warden(&[
+        "policy",
+        "test",
+        cases.to_str().unwrap(),
+        "--config",
+        &shipped(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(" passed, 0 failed"), "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong.json");
+    std::fs::write(
+        &wrong,
+        r#"{"cases":[{"name":"anonymous may not read orders","principal":"Warden::Anonymous::\"anonymous\"","method":"GET","path":"/api/orders/1","expect":"ALLOW"}]}"#,
+    )
+    .unwrap();
+    let (code, out) = warden(&[
+        "policy",
+        "test",
+        wrong.to_str().unwrap(),
+        "--config",
+        &shipped(),
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAIL anonymous may not read orders"), "{out}");
+    assert!(out.contains("0 passed, 1 failed"), "{out}");
+}
