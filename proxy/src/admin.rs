@@ -27,6 +27,8 @@ pub struct Admin {
     pub ready: Arc<AtomicBool>,
     /// Ready also needs every issuer's keys.
     pub authn: Arc<ArcSwap<Authenticator>>,
+    /// The active policy set, named in `/readyz`.
+    pub policies: Arc<ArcSwap<crate::authz::PolicySnapshot>>,
 }
 
 impl Admin {
@@ -70,7 +72,8 @@ impl Admin {
         } else {
             let missing = self.authn.load().jwt.missing_keys();
             if missing.is_empty() {
-                (StatusCode::OK, "ready\n".to_owned())
+                let set = self.policies.load();
+                (StatusCode::OK, format!("ready\npolicy set: {}\n", set.hash))
             } else {
                 let names: Vec<String> = missing.iter().map(|i| format!("`{i}`")).collect();
                 (

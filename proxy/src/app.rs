@@ -154,11 +154,16 @@ impl App {
             upstream: cfg.upstream.clone(),
         };
         spawn_refreshers(&shared.authn.load(), &shared.metrics)?;
+        {
+            let set = shared.policies.load();
+            shared.metrics.set_policy_set(&set.hash, set.loaded_at);
+        }
         let admin = Admin {
             registry: Arc::new(registry),
             metrics: shared.metrics.clone(),
             ready: Arc::new(AtomicBool::new(true)),
             authn: shared.authn.clone(),
+            policies: shared.policies.clone(),
         };
         Ok(Self {
             listener,
@@ -194,6 +199,18 @@ impl App {
         let admin = tokio::spawn(self.admin.serve(self.admin_listener, async {
             let _ = admin_stopped.await;
         }));
+        let policy_source = crate::reload::PolicySource {
+            dir: self.cfg.authz.policies.clone(),
+            schema: self.cfg.authz.schema_path(),
+            mode: self.cfg.authz.mode,
+            service: self.cfg.service.name.clone(),
+            service_arn: self.cfg.service.arn.clone(),
+        };
+        let reloader = tokio::spawn(crate::reload::watch(
+            policy_source,
+            self.shared.policies.clone(),
+            self.shared.metrics.clone(),
+        ));
         let service = pipeline::build(&self.shared);
         let shutdown = async move {
             shutdown.await;
@@ -209,6 +226,7 @@ impl App {
             shutdown,
         )
         .await;
+        reloader.abort();
         let _ = stop_admin.send(());
         let _ = admin.await;
     }

@@ -64,6 +64,8 @@ pub struct PolicySnapshot {
     authorizer: Authorizer,
     /// Hash of the active set, for the decision log.
     pub hash: Arc<str>,
+    /// When this set was loaded.
+    pub loaded_at: std::time::SystemTime,
     pub mode: AuthzMode,
     service: String,
     service_arn: Option<String>,
@@ -164,6 +166,7 @@ impl PolicySnapshot {
             invoke,
             authorizer: Authorizer::new(),
             hash: Arc::from(hex::encode(&digest.finish().as_ref()[..8])),
+            loaded_at: std::time::SystemTime::now(),
             mode,
             service: service.to_owned(),
             service_arn: service_arn.map(str::to_owned),

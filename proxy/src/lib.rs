@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod normalize;
 pub mod observe;
 pub mod pipeline;
+pub mod reload;
 pub mod strip;
 pub mod tools;
 pub mod trace;

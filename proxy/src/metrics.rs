@@ -49,6 +49,11 @@ pub struct IssuerOnly {
     pub issuer: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HashLabels {
+    pub hash: String,
+}
+
 /// Every metric warden exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -57,6 +62,9 @@ pub struct Metrics {
     pub authn_failures: Family<AuthnFailureLabels, Counter>,
     pub authz_decisions: Family<DecisionLabels, Counter>,
     pub policy_reloads: Family<ResultLabels, Counter>,
+    /// 1 for the active policy set's hash.
+    pub policy_set: Family<HashLabels, Gauge>,
+    pub policy_loaded: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub jwks_refresh: Family<IssuerLabels, Counter>,
     pub jwks_age: Family<IssuerOnly, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub tls_handshake_errors: Counter,
@@ -81,6 +89,8 @@ impl Metrics {
             authn_failures: Family::default(),
             authz_decisions: Family::default(),
             policy_reloads: Family::default(),
+            policy_set: Family::default(),
+            policy_loaded: Gauge::default(),
             jwks_refresh: Family::default(),
             jwks_age: Family::default(),
             tls_handshake_errors: Counter::default(),
@@ -114,6 +124,16 @@ impl Metrics {
             m.policy_reloads.clone(),
         );
         registry.register(
+            "warden_policy_set_info",
+            "The active policy set (its hash, as in the decision log)",
+            m.policy_set.clone(),
+        );
+        registry.register(
+            "warden_policy_set_loaded_timestamp_seconds",
+            "When the active policy set was loaded",
+            m.policy_loaded.clone(),
+        );
+        registry.register(
             "warden_jwks_refresh",
             "Key set fetches, by issuer and result",
             m.jwks_refresh.clone(),
@@ -144,5 +164,20 @@ impl Metrics {
             m.cert_reloads.clone(),
         );
         m
+    }
+
+    /// Records `hash` as the active policy set, loaded at `at`.
+    pub fn set_policy_set(&self, hash: &str, at: std::time::SystemTime) {
+        self.policy_set.clear();
+        self.policy_set
+            .get_or_create(&HashLabels {
+                hash: hash.to_owned(),
+            })
+            .set(1);
+        let secs = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        self.policy_loaded.set(secs);
     }
 }

@@ -29,6 +29,8 @@ pub struct Options {
     pub max_body: &'static str,
     /// Replaces the default `[[authn.jwt]]` block (a k8s issuer with a file JWKS).
     pub jwt_block: Option<String>,
+    /// Use this policy directory instead of the shipped one.
+    pub policies: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -40,6 +42,7 @@ impl Default for Options {
             upstream_unix: false,
             max_body: "64KiB",
             jwt_block: None,
+            policies: None,
         }
     }
 }
@@ -162,7 +165,7 @@ policies = "{policies}"
             jwt_block = opts.jwt_block.clone().unwrap_or_else(|| format!(
                 "[[authn.jwt]]\nissuer = \"{ISSUER}\"\naudiences = [\"orders\"]\njwks_file = \"jwks.json\"\nprincipal = \"k8s\"\ncluster = \"test\"\n"
             )),
-            policies = policies_dir().display(),
+            policies = opts.policies.clone().unwrap_or_else(policies_dir).display(),
         );
         std::fs::write(d.join("warden.toml"), toml).unwrap();
         let cfg = Config::load(&d.join("warden.toml")).unwrap();

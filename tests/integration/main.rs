@@ -4,4 +4,5 @@ mod check;
 mod harness;
 mod jwt;
 mod proxy;
+mod reload;
 mod vectors;

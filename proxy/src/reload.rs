@@ -1,0 +1,128 @@
+//! Policy hot reload: the policy directory is watched (and its parent, so a
+//! Kubernetes ConfigMap's symlink swap is seen), and SIGHUP reloads too.
+//!
+//! A new set is parsed and strictly validated on a blocking thread, off the
+//! request path, then swapped in atomically; requests already deciding keep
+//! the set they loaded. A broken set is refused, logged with file and line,
+//! counted, and the old set keeps deciding.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::authz::PolicySnapshot;
+use crate::config::AuthzMode;
+use crate::metrics::{Metrics, ResultLabels};
+
+/// Where policies come from, as configured.
+#[derive(Debug, Clone)]
+pub struct PolicySource {
+    pub dir: PathBuf,
+    pub schema: PathBuf,
+    pub mode: AuthzMode,
+    pub service: String,
+    pub service_arn: Option<String>,
+}
+
+impl PolicySource {
+    pub fn load(&self) -> Result<PolicySnapshot, String> {
+        PolicySnapshot::load(
+            &self.dir,
+            &self.schema,
+            self.mode,
+            &self.service,
+            self.service_arn.as_deref(),
+        )
+    }
+}
+
+/// Loads the set again; swaps it in if it is valid and differs.
+pub async fn reload_once(
+    source: &PolicySource,
+    active: &ArcSwap<PolicySnapshot>,
+    metrics: &Metrics,
+) {
+    let src = source.clone();
+    let loaded = tokio::task::spawn_blocking(move || src.load())
+        .await
+        .unwrap_or_else(|e| Err(format!("reload task failed: {e}")));
+    match loaded {
+        Ok(set) if set.hash == active.load().hash => {}
+        Ok(set) => {
+            tracing::info!(policy_set = %set.hash, "policies reloaded");
+            metrics.set_policy_set(&set.hash, set.loaded_at);
+            metrics
+                .policy_reloads
+                .get_or_create(&ResultLabels { result: "ok" })
+                .inc();
+            active.store(Arc::new(set));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, policy_set = %active.load().hash, "policy reload refused; the old set keeps deciding");
+            metrics
+                .policy_reloads
+                .get_or_create(&ResultLabels { result: "error" })
+                .inc();
+        }
+    }
+}
+
+/// Watches the policy directory and SIGHUP until the task is dropped.
+pub async fn watch(
+    source: PolicySource,
+    active: Arc<ArcSwap<PolicySnapshot>>,
+    metrics: Arc<Metrics>,
+) {
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = tx.try_send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the policy directory; reload with SIGHUP");
+            None
+        }
+    };
+    if let Some(w) = watcher.as_mut() {
+        let mut targets = vec![source.dir.clone()];
+        targets.extend(source.dir.parent().map(PathBuf::from));
+        targets.extend(source.schema.parent().map(PathBuf::from));
+        targets.dedup();
+        for t in targets.iter().filter(|t| t.is_dir()) {
+            if let Err(e) = w.watch(t, RecursiveMode::NonRecursive) {
+                tracing::warn!(path = %t.display(), error = %e, "cannot watch");
+            }
+        }
+    }
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        tokio::select! {
+            got = rx.recv() => {
+                if got.is_none() {
+                    break;
+                }
+                // Editors and ConfigMap swaps write several files: let the
+                // burst settle, then read once.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while rx.try_recv().is_ok() {}
+            }
+            Some(()) = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                tracing::info!("SIGHUP: reloading policies");
+            }
+        }
+        reload_once(&source, &active, &metrics).await;
+    }
+    drop(watcher);
+}
