@@ -198,6 +198,9 @@ impl PolicySnapshot {
         let context = self.context(input, &mut entities).map_err(internal)?;
         let entities =
             Entities::from_entities(entities, None).map_err(|e| internal(e.to_string()))?;
+        // Validated against the schema on every request: if the context ever
+        // drifted from the schema, a `forbid` that failed to evaluate would be
+        // skipped silently; this way the request is refused instead.
         let request = CedarRequest::new(
             principal,
             action.uid(),
