@@ -66,6 +66,9 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
+    /// Translate a VPC Lattice auth policy (IAM JSON) to Cedar on stdout, or
+    /// refuse with the statement that cannot be translated.
+    ImportLattice { file: PathBuf },
     /// Run request -> expected-decision cases against the policy directory.
     Test {
         cases: PathBuf,
@@ -173,6 +176,21 @@ pub fn main() -> ExitCode {
             &headers,
             context.as_deref(),
         ),
+        Command::Policy {
+            command: PolicyCommand::ImportLattice { file },
+        } => {
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) => t,
+                Err(e) => return config_error(format!("{}: {e}", file.display())),
+            };
+            match crate::lattice::import(&text) {
+                Ok(cedar) => {
+                    print!("{cedar}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => config_error(format!("{}: {e}", file.display())),
+            }
+        }
         Command::Policy {
             command:
                 PolicyCommand::Test {

@@ -18,6 +18,7 @@ pub mod devkit;
 pub mod error;
 pub mod forward;
 pub mod identity;
+pub mod lattice;
 pub mod listener;
 pub mod metrics;
 pub mod normalize;

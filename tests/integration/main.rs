@@ -3,6 +3,7 @@
 mod check;
 mod harness;
 mod jwt;
+mod lattice;
 mod proxy;
 mod reload;
 mod vectors;
