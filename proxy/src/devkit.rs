@@ -61,13 +61,29 @@ impl DevCa {
 
     /// A client certificate, with `uri` as its URI SAN when given.
     pub fn client(&self, uri: Option<&str>) -> Result<CertPair, DevError> {
+        self.client_with(uri.as_slice(), false, &[KeyUsagePurpose::DigitalSignature])
+    }
+
+    /// A client certificate with any URI SANs, CA flag and key usages (tests
+    /// of the X.509-SVID rules).
+    pub fn client_with(
+        &self,
+        uris: &[&str],
+        is_ca: bool,
+        usages: &[KeyUsagePurpose],
+    ) -> Result<CertPair, DevError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, "client");
-        if let Some(uri) = uri {
-            params.subject_alt_names.push(SanType::URI(uri.try_into()?));
+        for uri in uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI((*uri).try_into()?));
+        }
+        if is_ca {
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.key_usages = usages.to_vec();
         self.sign(params)
     }
 

@@ -31,6 +31,8 @@ pub struct Options {
     pub jwt_block: Option<String>,
     /// Use this policy directory instead of the shipped one.
     pub policies: Option<PathBuf>,
+    /// `[listener.tls] trust_domains`, as TOML.
+    pub trust_domains: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -43,6 +45,7 @@ impl Default for Options {
             max_body: "64KiB",
             jwt_block: None,
             policies: None,
+            trust_domains: None,
         }
     }
 }
@@ -127,8 +130,9 @@ impl Harness {
         };
         let tls = if opts.tls {
             format!(
-                "[listener.tls]\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\nclient_auth = \"{}\"\n",
-                opts.client_auth
+                "[listener.tls]\ncert = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\nclient_auth = \"{}\"\n{}",
+                opts.client_auth,
+                opts.trust_domains.map(|t| format!("trust_domains = {t}\n")).unwrap_or_default()
             )
         } else {
             String::new()

@@ -723,3 +723,89 @@ async fn sigv4_over_http2_signs_the_authority() {
     assert_eq!(rsp.status, StatusCode::OK, "{}", rsp.text());
     assert_eq!(h.upstream_got().body.as_ref(), body);
 }
+
+/// Sends GET `path` over mTLS with `cert` as the client certificate.
+async fn with_cert(
+    h: &Harness,
+    cert: &warden::devkit::CertPair,
+    path: &str,
+) -> Result<warden::devkit::Reply, Box<dyn std::error::Error + Send + Sync>> {
+    let tls = warden::devkit::client_tls(&h.ca.pem(), Some(cert), &[b"http/1.1"]).unwrap();
+    let req = h.request("GET", path).body(empty()).unwrap();
+    warden::devkit::send(h.addr, Some(tls), false, req).await
+}
+
+#[tokio::test]
+async fn x509_svid_rules_are_enforced() {
+    use rcgen::KeyUsagePurpose as Ku;
+    let mut h = Harness::with(Options {
+        trust_domains: Some("[\"example.org\"]"),
+        ..Options::default()
+    })
+    .await;
+    let ok =
+        h.ca.client_with(
+            &["spiffe://example.org/ns/shop/sa/web"],
+            false,
+            &[Ku::DigitalSignature],
+        )
+        .unwrap();
+    assert_eq!(
+        with_cert(&h, &ok, "/api/orders/1").await.unwrap().status,
+        StatusCode::OK
+    );
+    h.upstream_got();
+    // Refused as 401, with the reason: the certificate chains to the CA, but
+    // its identity breaks the SPIFFE rules.
+    for (uris, usages, reason) in [
+        (
+            vec!["spiffe://example.org/a", "spiffe://example.org/b"],
+            vec![Ku::DigitalSignature],
+            "more than one URI SAN",
+        ),
+        (
+            vec!["spiffe://Example.org/x"],
+            vec![Ku::DigitalSignature],
+            "trust domain has invalid characters",
+        ),
+        (
+            vec!["spiffe://example.org/a/../b"],
+            vec![Ku::DigitalSignature],
+            "empty or dot segment",
+        ),
+        (
+            vec!["spiffe://other.org/ns/x"],
+            vec![Ku::DigitalSignature],
+            "trust domain not allowed",
+        ),
+        (
+            vec!["spiffe://example.org/ns/x"],
+            vec![Ku::DigitalSignature, Ku::KeyCertSign],
+            "key usage",
+        ),
+    ] {
+        let cert = h.ca.client_with(&uris, false, &usages).unwrap();
+        let rsp = with_cert(&h, &cert, "/api/orders/1").await.unwrap();
+        assert_eq!(rsp.status, StatusCode::UNAUTHORIZED, "{uris:?}");
+        assert!(rsp.text().contains(reason), "{uris:?}: {}", rsp.text());
+    }
+    // A CA certificate as the leaf is refused at the handshake (webpki will not
+    // take a CA as an end entity), before any SPIFFE rule is read.
+    let ca_leaf =
+        h.ca.client_with(
+            &["spiffe://example.org/ns/x"],
+            true,
+            &[Ku::DigitalSignature, Ku::KeyCertSign],
+        )
+        .unwrap();
+    assert!(with_cert(&h, &ca_leaf, "/api/orders/1").await.is_err());
+    // No URI SAN at all: a verified certificate without an identity is anonymous.
+    let plain =
+        h.ca.client_with(&[], false, &[Ku::DigitalSignature])
+            .unwrap();
+    assert_eq!(
+        with_cert(&h, &plain, "/api/orders/1").await.unwrap().status,
+        StatusCode::FORBIDDEN
+    );
+    h.assert_upstream_untouched();
+}

@@ -84,7 +84,21 @@ pub fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, &'static str> {
     if uris.next().is_some() {
         return Err("client certificate has more than one URI SAN");
     }
-    SpiffeId::parse(uri)
+    let id = SpiffeId::parse(uri)?;
+    // X.509-SVID rules for the leaf: not a CA; if key usage is present it
+    // allows digital signatures and no certificate or CRL signing.
+    if cert.is_ca() {
+        return Err("an X.509-SVID leaf must not be a CA");
+    }
+    if let Ok(Some(ku)) = cert.key_usage() {
+        let ku = ku.value;
+        if !ku.digital_signature() || ku.key_cert_sign() || ku.crl_sign() {
+            return Err(
+                "X.509-SVID key usage must be digitalSignature without certificate signing",
+            );
+        }
+    }
+    Ok(id)
 }
 
 #[cfg(test)]
