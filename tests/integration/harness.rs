@@ -33,6 +33,8 @@ pub struct Options {
     pub policies: Option<PathBuf>,
     /// `[listener.tls] trust_domains`, as TOML.
     pub trust_domains: Option<&'static str>,
+    /// Forward to this upstream instead of the echo upstream.
+    pub upstream: Option<std::net::SocketAddr>,
 }
 
 impl Default for Options {
@@ -46,6 +48,7 @@ impl Default for Options {
             jwt_block: None,
             policies: None,
             trust_domains: None,
+            upstream: None,
         }
     }
 }
@@ -80,6 +83,7 @@ pub struct Harness {
     pub issuer: TokenIssuer,
     tls: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
 
@@ -119,6 +123,8 @@ impl Harness {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = l.local_addr().unwrap();
             drop(l);
+            (addr.to_string(), tokio::sync::mpsc::unbounded_channel().1)
+        } else if let Some(addr) = opts.upstream {
             (addr.to_string(), tokio::sync::mpsc::unbounded_channel().1)
         } else if opts.upstream_unix {
             let sock = d.join("app.sock");
@@ -178,7 +184,7 @@ policies = "{policies}"
         let addr = app.proxy_addr().unwrap();
         let admin = app.admin_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(app.run(async {
+        let task = tokio::spawn(app.run(async {
             let _ = stopped.await;
         }));
         Self {
@@ -191,6 +197,7 @@ policies = "{policies}"
             issuer,
             tls: opts.tls,
             stop: Some(stop),
+            task: Some(task),
             _dir: dir,
         }
     }
@@ -304,6 +311,20 @@ policies = "{policies}"
             .recv_timeout(std::time::Duration::from_secs(5))
             .unwrap();
         serde_json::from_str(&line).unwrap()
+    }
+
+    /// Starts a graceful shutdown, as SIGTERM does.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits for the proxy to finish draining and stop.
+    pub async fn stopped(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
     }
 
     /// GETs an admin path; returns status and body.

@@ -1,6 +1,7 @@
 //! warden's integration tests: one binary, one module per area.
 
 mod check;
+mod drain;
 mod harness;
 mod jwt;
 mod lattice;
