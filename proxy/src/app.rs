@@ -150,6 +150,7 @@ impl App {
             metrics,
             log,
             mode: cfg.authz.mode,
+            explain: cfg.authz.explain_header,
             identity: cfg.identity.headers,
             upstream: cfg.upstream.clone(),
         };

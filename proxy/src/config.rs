@@ -379,6 +379,9 @@ pub struct AuthzConfig {
     pub schema: Option<PathBuf>,
     #[serde(default)]
     pub mode: AuthzMode,
+    /// Local development: a denied response names why in `x-warden-deny-reason`.
+    #[serde(default)]
+    pub explain_header: bool,
 }
 
 impl Default for AuthzConfig {
@@ -387,6 +390,7 @@ impl Default for AuthzConfig {
             policies: default_policies(),
             schema: None,
             mode: AuthzMode::default(),
+            explain_header: false,
         }
     }
 }

@@ -50,11 +50,26 @@ pub struct ObserveLayer {
     metrics: Arc<Metrics>,
     log: DecisionLog,
     mode: AuthzMode,
+    explain: bool,
 }
 
 impl ObserveLayer {
-    pub fn new(metrics: Arc<Metrics>, log: DecisionLog, mode: AuthzMode) -> Self {
-        Self { metrics, log, mode }
+    pub fn new(metrics: Arc<Metrics>, log: DecisionLog, mode: AuthzMode, explain: bool) -> Self {
+        Self {
+            metrics,
+            log,
+            mode,
+            explain,
+        }
+    }
+}
+
+/// Why the policies denied, for `x-warden-deny-reason` (local development).
+fn deny_reason(trace: &Trace) -> String {
+    match trace.decision.get() {
+        Some(d) if !d.policies.is_empty() => format!("forbidden by {}", d.policies.join(", ")),
+        Some(_) => "no policy permits this request".to_owned(),
+        None => "denied".to_owned(),
     }
 }
 
@@ -121,7 +136,15 @@ where
             let result = fut.await;
             let (rsp, err) = match result {
                 Ok(rsp) => (rsp, None),
-                Err(e) => (rescue(&e, &trace.request_id, trace.grpc), Some(e)),
+                Err(e) => {
+                    let mut rsp = rescue(&e, &trace.request_id, trace.grpc);
+                    if layer.explain && matches!(e, ProxyError::Forbidden) {
+                        if let Ok(v) = http::HeaderValue::try_from(deny_reason(&trace)) {
+                            rsp.headers_mut().insert("x-warden-deny-reason", v);
+                        }
+                    }
+                    (rsp, Some(e))
+                }
             };
             layer.record(&trace, rsp.status().as_u16(), err.as_ref());
             Ok(rsp)

@@ -28,6 +28,7 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub log: DecisionLog,
     pub mode: AuthzMode,
+    pub explain: bool,
     pub identity: IdentityHeaders,
     pub upstream: UpstreamConfig,
 }
@@ -45,6 +46,7 @@ pub fn build(
             shared.metrics.clone(),
             shared.log.clone(),
             shared.mode,
+            shared.explain,
         ))
         // 400 for malformed paths, CONNECT, h2c and non-websocket upgrades; normalize the path
         .layer(NormalizeLayer)

@@ -35,6 +35,8 @@ pub struct Options {
     pub trust_domains: Option<&'static str>,
     /// Forward to this upstream instead of the echo upstream.
     pub upstream: Option<std::net::SocketAddr>,
+    /// Extra `[authz]` lines, like `mode = "audit"`.
+    pub authz_extra: &'static str,
 }
 
 impl Default for Options {
@@ -49,6 +51,7 @@ impl Default for Options {
             policies: None,
             trust_domains: None,
             upstream: None,
+            authz_extra: "",
         }
     }
 }
@@ -170,7 +173,9 @@ accounts = {{ "123456789012" = "o-exampleorgid" }}
 {jwt_block}
 [authz]
 policies = "{policies}"
+{authz_extra}
 "#,
+            authz_extra = opts.authz_extra,
             max_body = opts.max_body,
             jwt_block = opts.jwt_block.clone().unwrap_or_else(|| format!(
                 "[[authn.jwt]]\nissuer = \"{ISSUER}\"\naudiences = [\"orders\"]\njwks_file = \"jwks.json\"\nprincipal = \"k8s\"\ncluster = \"test\"\n"

@@ -809,3 +809,76 @@ async fn x509_svid_rules_are_enforced() {
     );
     h.assert_upstream_untouched();
 }
+
+#[tokio::test]
+async fn audit_mode_forwards_denies_and_logs_them() {
+    let mut h = Harness::with(Options {
+        authz_extra: "mode = \"audit\"",
+        ..Options::default()
+    })
+    .await;
+    let rsp = h
+        .send(h.request("GET", "/api/orders/42").body(empty()).unwrap())
+        .await;
+    assert_eq!(
+        rsp.status,
+        StatusCode::OK,
+        "audit mode forwards a policy deny"
+    );
+    h.upstream_got();
+    let log = h.next_log();
+    assert_eq!(log["decision"], "deny");
+    assert_eq!(log["mode"], "audit");
+    assert_eq!(log["reason"], "would deny (audit mode)");
+    // 400 and 401 are answered as always.
+    let req = h
+        .request("GET", "/public/x")
+        .header("authorization", "Bearer not.a.jwt")
+        .body(empty())
+        .unwrap();
+    assert_eq!(h.send(req).await.status, StatusCode::UNAUTHORIZED);
+    let rsp = h
+        .send(h.request("GET", "/a/../../b").body(empty()).unwrap())
+        .await;
+    assert_eq!(rsp.status, StatusCode::BAD_REQUEST);
+    h.assert_upstream_untouched();
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("warden_authz_decisions_total{decision=\"deny\",mode=\"audit\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn explain_header_names_the_deciding_policies_when_enabled() {
+    let h = Harness::with(Options {
+        authz_extra: "explain_header = true",
+        ..Options::default()
+    })
+    .await;
+    let rsp = h
+        .send(h.request("GET", "/api/orders/42").body(empty()).unwrap())
+        .await;
+    assert_eq!(rsp.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        rsp.headers["x-warden-deny-reason"],
+        "no policy permits this request"
+    );
+    let rsp = h.send(h.signed("DELETE", "/api/admin/users/1", b"")).await;
+    assert_eq!(rsp.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        rsp.headers["x-warden-deny-reason"],
+        "forbidden by no-admin-writes"
+    );
+    // Off by default.
+    let quiet = Harness::start().await;
+    let rsp = quiet
+        .send(
+            quiet
+                .request("GET", "/api/orders/42")
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    assert!(!rsp.headers.contains_key("x-warden-deny-reason"));
+}
