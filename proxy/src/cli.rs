@@ -57,6 +57,20 @@ pub enum Command {
     },
     /// Start an embedded upstream and the real proxy, send sample requests, print decisions.
     Demo,
+    /// Sign a curl command for a warden-protected service with AWS SigV4
+    /// (credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN),
+    /// then run it: `warden sign -- curl https://svc:15000/api/x`.
+    Sign {
+        /// The signing name warden expects (its `[authn.sigv4] service`).
+        #[arg(long, default_value = "vpc-lattice-svcs")]
+        service: String,
+        /// AWS_REGION, else us-east-1.
+        #[arg(long)]
+        region: Option<String>,
+        /// The command, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Local-dev helpers: mint credentials for a warden-protected service.
     Token {
         #[command(subcommand)]
@@ -216,6 +230,11 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Sign {
+            service,
+            region,
+            command,
+        } => sign(&service, region, &command),
         Command::Demo => {
             let rt = match runtime(Some(2)) {
                 Ok(rt) => rt,
@@ -313,19 +332,68 @@ fn policy_test(
     }
 }
 
+/// AWS credentials and region from the environment, as the SDKs read them.
+struct EnvCredentials {
+    access_key_id: String,
+    secret: String,
+    session_token: Option<String>,
+    region: String,
+}
+
+fn env_credentials(region: Option<String>) -> Result<EnvCredentials, String> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    Ok(EnvCredentials {
+        access_key_id: var("AWS_ACCESS_KEY_ID").ok_or("AWS_ACCESS_KEY_ID is not set")?,
+        secret: var("AWS_SECRET_ACCESS_KEY").ok_or("AWS_SECRET_ACCESS_KEY is not set")?,
+        session_token: var("AWS_SESSION_TOKEN"),
+        region: region
+            .or_else(|| var("AWS_REGION"))
+            .or_else(|| var("AWS_DEFAULT_REGION"))
+            .unwrap_or_else(|| "us-east-1".to_owned()),
+    })
+}
+
+fn sign(service: &str, region: Option<String>, command: &[String]) -> ExitCode {
+    let signed = env_credentials(region).and_then(|c| {
+        let key = crate::devkit::SigV4Key {
+            access_key_id: &c.access_key_id,
+            secret: &c.secret,
+            session_token: c.session_token.as_deref(),
+            region: &c.region,
+            service,
+        };
+        crate::tools::sign_curl(command, &key, std::time::SystemTime::now())
+    });
+    let argv = match signed {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some((program, args)) = argv.split_first() else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    match std::process::Command::new(program).args(args).status() {
+        Ok(status) => ExitCode::from(u8::try_from(status.code().unwrap_or(1)).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("error: `{program}`: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn sts_token(
     audience: &str,
     region: Option<String>,
     endpoint: Option<String>,
 ) -> Result<String, String> {
-    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    let access_key_id = var("AWS_ACCESS_KEY_ID").ok_or("AWS_ACCESS_KEY_ID is not set")?;
-    let secret = var("AWS_SECRET_ACCESS_KEY").ok_or("AWS_SECRET_ACCESS_KEY is not set")?;
-    let session_token = var("AWS_SESSION_TOKEN");
-    let region = region
-        .or_else(|| var("AWS_REGION"))
-        .or_else(|| var("AWS_DEFAULT_REGION"))
-        .unwrap_or_else(|| "us-east-1".to_owned());
+    let EnvCredentials {
+        access_key_id,
+        secret,
+        session_token,
+        region,
+    } = env_credentials(region)?;
     let endpoint = endpoint.unwrap_or_else(|| format!("https://sts.{region}.amazonaws.com"));
     let key = crate::devkit::SigV4Key {
         access_key_id: &access_key_id,

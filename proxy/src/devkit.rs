@@ -157,6 +157,18 @@ pub struct SigV4Key<'a> {
     pub service: &'a str,
 }
 
+impl SigV4Key<'_> {
+    fn credentials(&self) -> aws_credential_types::Credentials {
+        aws_credential_types::Credentials::new(
+            self.access_key_id,
+            self.secret,
+            self.session_token.map(str::to_owned),
+            None,
+            "devkit",
+        )
+    }
+}
+
 /// Signs a request with AWS's `aws-sigv4` signer; returns the headers to add.
 /// With `content_sha256`, the signer also sends `x-amz-content-sha256`.
 pub fn sign_sigv4(
@@ -171,8 +183,7 @@ pub fn sign_sigv4(
     use aws_sigv4::http_request::{
         sign, PayloadChecksumKind, SignableBody, SignableRequest, SigningSettings,
     };
-    let creds =
-        aws_credential_types::Credentials::new(key.access_key_id, key.secret, None, None, "devkit");
+    let creds = key.credentials();
     let identity = creds.into();
     let mut settings = SigningSettings::default();
     if content_sha256 {
@@ -212,8 +223,7 @@ pub fn presign_sigv4(
     use aws_sigv4::http_request::{
         sign, SignableBody, SignableRequest, SignatureLocation, SigningSettings,
     };
-    let creds =
-        aws_credential_types::Credentials::new(key.access_key_id, key.secret, None, None, "devkit");
+    let creds = key.credentials();
     let identity = creds.into();
     let mut settings = SigningSettings::default();
     settings.signature_location = SignatureLocation::QueryParams;

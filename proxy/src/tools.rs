@@ -260,3 +260,231 @@ pub fn run_cases(cases_file: &Path, cfg: &Config) -> Result<(Vec<String>, bool),
     }
     Ok((lines, all))
 }
+
+/// Curl options that take a value (so the value is not the URL).
+const CURL_VALUED: [&str; 34] = [
+    "-X",
+    "--request",
+    "-H",
+    "--header",
+    "-d",
+    "--data",
+    "--data-raw",
+    "--data-binary",
+    "--data-ascii",
+    "-o",
+    "--output",
+    "-w",
+    "--write-out",
+    "--cacert",
+    "--capath",
+    "--cert",
+    "--key",
+    "-E",
+    "-u",
+    "--user",
+    "-A",
+    "--user-agent",
+    "-e",
+    "--referer",
+    "--connect-timeout",
+    "-m",
+    "--max-time",
+    "--resolve",
+    "--connect-to",
+    "-x",
+    "--proxy",
+    "-b",
+    "--cookie",
+    "--url",
+];
+
+/// Rewrites a curl command line so the request it makes is SigV4-signed:
+/// reads its method, URL, headers and body, signs them with AWS's signer and
+/// returns the command with the signing headers added.
+pub fn sign_curl(
+    argv: &[String],
+    key: &crate::devkit::SigV4Key<'_>,
+    now: std::time::SystemTime,
+) -> Result<Vec<String>, String> {
+    let (program, args) = argv.split_first().ok_or("nothing to run after `--`")?;
+    let name = Path::new(program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    if name != "curl" {
+        return Err(format!(
+            "`{program}`: only curl command lines can be signed"
+        ));
+    }
+    let mut method: Option<String> = None;
+    let mut url: Option<String> = None;
+    let mut headers: Vec<(String, String)> = Vec::new();
+    let mut data: Vec<Vec<u8>> = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        let (opt, inline) = match a.split_once('=') {
+            Some((o, v)) if o.starts_with("--") => (o, Some(v.to_owned())),
+            _ => (a, None),
+        };
+        if matches!(
+            opt,
+            "-F" | "--form" | "-T" | "--upload-file" | "--json" | "-G" | "--get"
+        ) {
+            return Err(format!(
+                "`{opt}`: warden sign cannot sign this form of request"
+            ));
+        }
+        if CURL_VALUED.contains(&opt) {
+            let value = match inline {
+                Some(v) => v,
+                None => {
+                    i += 1;
+                    args.get(i)
+                        .cloned()
+                        .ok_or_else(|| format!("`{opt}` needs a value"))?
+                }
+            };
+            match opt {
+                "-X" | "--request" => method = Some(value),
+                "-H" | "--header" => {
+                    let (k, v) = value
+                        .split_once(':')
+                        .ok_or_else(|| format!("header `{value}`: expected `name: value`"))?;
+                    headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+                }
+                "-d" | "--data" | "--data-ascii" | "--data-raw" | "--data-binary" => {
+                    let bytes = match value.strip_prefix('@') {
+                        Some(file) if opt != "--data-raw" => {
+                            let mut b = std::fs::read(file).map_err(|e| format!("{file}: {e}"))?;
+                            if opt != "--data-binary" {
+                                b.retain(|c| *c != b'\n' && *c != b'\r');
+                            }
+                            b
+                        }
+                        _ => value.into_bytes(),
+                    };
+                    data.push(bytes);
+                }
+                "--url" => url = Some(value),
+                _ => {}
+            }
+        } else if !a.starts_with('-') && url.is_none() {
+            url = Some(a.to_owned());
+        }
+        i += 1;
+    }
+    let url = url.ok_or("the curl command has no URL")?;
+    let body = data.join(&b'&');
+    let method = method.unwrap_or_else(|| {
+        if data.is_empty() {
+            "GET".to_owned()
+        } else {
+            "POST".to_owned()
+        }
+    });
+    let uri: http::Uri = url.parse().map_err(|_| format!("`{url}` is not a URL"))?;
+    let host = headers
+        .iter()
+        .find(|(k, _)| k == "host")
+        .map(|(_, v)| v.clone())
+        .or_else(|| uri.authority().map(|a| a.as_str().to_owned()))
+        .ok_or_else(|| format!("`{url}` has no host"))?;
+    let mut signed: Vec<(&str, &str)> = vec![("host", host.as_str())];
+    signed.extend(
+        headers
+            .iter()
+            .filter(|(k, _)| k != "host")
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    let added = crate::devkit::sign_sigv4(key, &method, &url, &signed, &body, now, true)
+        .map_err(|e| e.to_string())?;
+    let mut out = argv.to_vec();
+    for (k, v) in added {
+        out.push("-H".to_owned());
+        out.push(format!("{k}: {v}"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> crate::devkit::SigV4Key<'static> {
+        crate::devkit::SigV4Key {
+            access_key_id: "AKID",
+            secret: "secret",
+            session_token: Some("token"),
+            region: "us-east-1",
+            service: "vpc-lattice-svcs",
+        }
+    }
+
+    fn args(s: &[&str]) -> Vec<String> {
+        s.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn signs_a_curl_command_line() {
+        let out = sign_curl(
+            &args(&[
+                "curl",
+                "-sS",
+                "--cacert",
+                "ca.pem",
+                "-H",
+                "x-env: prod",
+                "-d",
+                "{}",
+                "https://svc.local:15000/api/x?a=1",
+            ]),
+            &key(),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        assert_eq!(
+            &out[..9],
+            &args(&[
+                "curl",
+                "-sS",
+                "--cacert",
+                "ca.pem",
+                "-H",
+                "x-env: prod",
+                "-d",
+                "{}",
+                "https://svc.local:15000/api/x?a=1"
+            ])[..]
+        );
+        let added = out[9..].join(" ");
+        assert!(
+            added.contains("authorization: AWS4-HMAC-SHA256 Credential=AKID/"),
+            "{added}"
+        );
+        assert!(
+            added.contains(
+                "SignedHeaders=host;x-amz-content-sha256;x-amz-date;x-amz-security-token;x-env"
+            ),
+            "{added}"
+        );
+        assert!(added.contains("x-amz-security-token: token"), "{added}");
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_sign() {
+        let now = std::time::SystemTime::now();
+        assert!(sign_curl(&args(&["wget", "https://x"]), &key(), now)
+            .unwrap_err()
+            .contains("only curl"));
+        assert!(
+            sign_curl(&args(&["curl", "-F", "a=b", "https://x"]), &key(), now)
+                .unwrap_err()
+                .contains("-F")
+        );
+        assert!(sign_curl(&args(&["curl", "-sS"]), &key(), now)
+            .unwrap_err()
+            .contains("no URL"));
+    }
+}

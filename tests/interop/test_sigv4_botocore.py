@@ -232,3 +232,18 @@ def test_botocore_sigv4a(env, region_set):
     auth(Credentials(ACCESS_KEY, SECRET), "vpc-lattice-svcs", "eu-west-1").add_auth(req)
     status, body = env.send("POST", "/api/orders/", dict(req.headers.items()), BODY)
     assert status == 401 and "region set" in body["reason"], body
+
+
+@pytest.mark.parametrize("args,secret,expect", [
+    (["-d", '{"item":"pen"}'], SECRET, "200"),
+    (["-X", "GET", "-H", "X-Tenant: acme"], SECRET, "200"),
+    (["-X", "DELETE"], SECRET, "200"),
+    (["-X", "GET"], "not-the-secret", "401"),
+])
+def test_warden_sign_runs_a_signed_curl(env, args, secret, expect):
+    binary = os.environ.get("WARDEN_BIN", str(Path(__file__).resolve().parents[2] / "target/debug/warden"))
+    cmd = [binary, "sign", "--", "curl", "-sS", "--cacert", str(env.dir / "ca.pem"),
+           "-o", "/dev/null", "-w", "%{http_code}", *args, f"https://{env.host}/api/orders/7?view=full"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": secret})
+    assert out.stdout.strip() == expect, (out.stdout, out.stderr)
