@@ -82,6 +82,8 @@ fn authz(c: &mut Criterion) {
             headers: &headers,
             host: Some("orders.local"),
             conn: &conn,
+            service: None,
+            service_arn: None,
         };
         assert!(
             set.decide(&input).expect("decision").allow,

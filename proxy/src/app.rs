@@ -153,6 +153,7 @@ impl App {
             explain: cfg.authz.explain_header,
             identity: cfg.identity.headers,
             upstream: cfg.upstream.clone(),
+            routes: cfg.route.clone(),
         };
         spawn_refreshers(&shared.authn.load(), &shared.metrics)?;
         {

@@ -190,7 +190,8 @@ impl PolicySnapshot {
         };
         let mut entities = Vec::with_capacity(16);
         let principal = principal_entities(input.identity, &mut entities).map_err(internal)?;
-        let resource = path_entities(input.path, &self.service, &mut entities).map_err(internal)?;
+        let service = input.service.unwrap_or(&self.service);
+        let resource = path_entities(input.path, service, &mut entities).map_err(internal)?;
         entities.push(action.clone());
         if let Some(invoke) = &self.invoke {
             entities.push(invoke.clone());
@@ -258,7 +259,7 @@ impl PolicySnapshot {
                 RestrictedExpression::new_entity_uid(query_uid),
             ),
         ];
-        if let Some(arn) = &self.service_arn {
+        if let Some(arn) = input.service_arn.or(self.service_arn.as_deref()) {
             pairs.push(("service_arn".to_owned(), s(arn)));
         }
         if let Some(tls) = &input.conn.tls {
@@ -448,6 +449,9 @@ pub struct AuthzInput<'a> {
     pub headers: &'a HeaderMap,
     pub host: Option<&'a str>,
     pub conn: &'a ConnInfo,
+    /// Gateway mode: the route's service and ARN instead of `[service]`'s.
+    pub service: Option<&'a str>,
+    pub service_arn: Option<&'a str>,
 }
 
 #[derive(Clone)]
@@ -508,6 +512,7 @@ impl<S> Authz<S> {
             // Fail closed: the pipeline always provides both.
             return Err(ProxyError::Forbidden);
         };
+        let route = req.extensions().get::<crate::route::Route>();
         let host = req
             .headers()
             .get(http::header::HOST)
@@ -521,6 +526,8 @@ impl<S> Authz<S> {
             headers: req.headers(),
             host,
             conn: &trace.conn,
+            service: route.map(|r| &*r.service),
+            service_arn: route.and_then(|r| r.service_arn.as_deref()),
         };
         let _ = trace.action.set(format!("Action::{:?}", input.method));
         let _ = trace.resource.set(format!("Http::Path::{:?}", input.path));

@@ -39,6 +39,43 @@ pub struct Config {
     pub identity: IdentityConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// Gateway mode: requests are routed by host (and path prefix) to one of
+    /// several upstreams, each its own `Http::Service`.
+    #[serde(default)]
+    pub route: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// `api.example.com` or `*.example.com` (any subdomain); the port is ignored.
+    pub host: String,
+    /// Only paths under this prefix (segment-aware: `/api` matches `/api` and `/api/x`).
+    pub path_prefix: Option<String>,
+    pub upstream: UpstreamAddr,
+    /// The `Http::Service` this route's paths belong to.
+    pub service: String,
+    pub service_arn: Option<String>,
+}
+
+impl RouteConfig {
+    /// Whether `host` (without port, lowercase) and `path` select this route.
+    pub fn matches(&self, host: &str, path: &str) -> bool {
+        let pattern = self.host.to_ascii_lowercase();
+        let host_ok = match pattern.strip_prefix("*.") {
+            Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(&format!(".{suffix}")),
+            None => host == pattern,
+        };
+        let path_ok = self.path_prefix.as_deref().is_none_or(|prefix| {
+            let prefix = prefix.trim_end_matches('/');
+            prefix.is_empty()
+                || path == prefix
+                || path
+                    .strip_prefix(prefix)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        });
+        host_ok && path_ok
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -603,6 +640,11 @@ impl Config {
         if let UpstreamAddr::Unix(p) = &mut self.upstream.address {
             fix(p);
         }
+        for r in &mut self.route {
+            if let UpstreamAddr::Unix(p) = &mut r.upstream {
+                fix(p);
+            }
+        }
     }
 
     /// Refuses what parses but is not supported yet, and inconsistent settings.
@@ -664,6 +706,22 @@ impl Config {
                 return Err(ConfigError::new("[authn.sigv4] `region` must not be empty"));
             }
         }
+        for r in &self.route {
+            if r.host.is_empty() || r.service.is_empty() {
+                return Err(ConfigError::new(
+                    "[[route]]: `host` and `service` must not be empty",
+                ));
+            }
+            if r.path_prefix
+                .as_deref()
+                .is_some_and(|p| !p.starts_with('/'))
+            {
+                return Err(ConfigError::new(format!(
+                    "[[route]] `{}`: `path_prefix` must start with `/`",
+                    r.host
+                )));
+            }
+        }
         if self.runtime.workers == Some(0) {
             return Err(ConfigError::new("[runtime] `workers` must be at least 1"));
         }
@@ -674,6 +732,7 @@ impl Config {
 fn unreachable_default() -> Config {
     // An empty document always deserializes: every section has a default.
     Config {
+        route: Vec::new(),
         listener: ListenerConfig::default(),
         upstream: UpstreamConfig::default(),
         admin: AdminConfig::default(),
@@ -735,6 +794,20 @@ mod tests {
         let err = parse("[listener]\naddres = \"127.0.0.1:1\"\n").unwrap_err();
         assert!(err.0.contains("addres"), "{err}");
         assert!(err.0.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn routes_match_host_and_path_prefix() {
+        let cfg = parse(
+            "[[route]]\nhost = \"*.svc.local\"\npath_prefix = \"/api\"\nupstream = \"127.0.0.1:1\"\nservice = \"a\"\n",
+        )
+        .unwrap();
+        let r = &cfg.route[0];
+        assert!(r.matches("pay.svc.local", "/api"));
+        assert!(r.matches("pay.svc.local", "/api/x"));
+        assert!(!r.matches("pay.svc.local", "/apix"));
+        assert!(!r.matches("svc.local", "/api"));
+        assert!(!r.matches("pay.svc.local.evil", "/api"));
     }
 
     #[test]

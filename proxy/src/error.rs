@@ -31,6 +31,8 @@ pub enum ProxyError {
     Forbidden,
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("no route for this host")]
+    NoRoute,
     #[error("payload too large")]
     PayloadTooLarge,
     #[error("unavailable: {reason}")]
@@ -67,6 +69,7 @@ impl ProxyError {
             Self::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::NoRoute => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
@@ -80,6 +83,7 @@ impl ProxyError {
             Self::Unauthenticated { .. } => "unauthenticated",
             Self::Forbidden => "forbidden",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::NoRoute => "no_route",
             Self::PayloadTooLarge => "payload_too_large",
             Self::Unavailable { .. } => "unavailable",
             Self::UpstreamUnavailable(_) | Self::UpstreamTimeout => "upstream_unavailable",
@@ -96,6 +100,7 @@ impl ProxyError {
             Self::UpstreamTimeout => Some("upstream timed out"),
             Self::PayloadTooLarge => Some("body larger than the configured limit"),
             Self::Forbidden | Self::MethodNotAllowed => None,
+            Self::NoRoute => Some("no route for this host"),
         }
     }
 
@@ -105,6 +110,7 @@ impl ProxyError {
             Self::Forbidden => 7,
             Self::Unavailable { .. } | Self::UpstreamUnavailable(_) | Self::UpstreamTimeout => 14,
             Self::BadRequest(_) | Self::MethodNotAllowed => 3,
+            Self::NoRoute => 12,
             Self::PayloadTooLarge => 8,
         }
     }

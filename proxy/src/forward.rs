@@ -115,23 +115,35 @@ impl Service<Uri> for Connector {
 /// The innermost service: sends the request to the upstream.
 #[derive(Clone)]
 pub struct Forward {
-    client: Client<Connector, Body>,
+    /// The `[upstream]` client, then one per `[[route]]`, in order.
+    clients: Arc<Vec<Client<Connector, Body>>>,
     request_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
+fn client(addr: &UpstreamAddr, connect_timeout: Duration) -> Client<Connector, Body> {
+    let connector = Connector {
+        addr: Arc::new(addr.clone()),
+        timeout: connect_timeout,
+    };
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .set_host(false)
+        .build(connector)
+}
+
 impl Forward {
-    pub fn new(cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Self {
-        let connector = Connector {
-            addr: Arc::new(cfg.address.clone()),
-            timeout: cfg.connect_timeout,
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .set_host(false)
-            .build(connector);
+    pub fn new(
+        cfg: &UpstreamConfig,
+        routes: &[crate::config::RouteConfig],
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let clients = std::iter::once(&cfg.address)
+            .chain(routes.iter().map(|r| &r.upstream))
+            .map(|addr| client(addr, cfg.connect_timeout))
+            .collect();
         Self {
-            client,
+            clients: Arc::new(clients),
             request_timeout: cfg.request_timeout,
             metrics,
         }
@@ -156,10 +168,17 @@ impl Service<Request<Body>> for Forward {
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let client = self.client.clone();
+        let index = req
+            .extensions()
+            .get::<crate::route::Route>()
+            .map_or(0, |r| r.index + 1);
+        let client = self.clients.get(index).cloned();
         let timeout = self.request_timeout;
         let metrics = self.metrics.clone();
         Box::pin(async move {
+            let Some(client) = client else {
+                return Err(ProxyError::NoRoute);
+            };
             // An HTTP/2 request names its host in `:authority`; HTTP/1.1 needs `host`.
             if !req.headers().contains_key(header::HOST) {
                 if let Some(v) = req

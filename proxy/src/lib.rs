@@ -25,6 +25,7 @@ pub mod normalize;
 pub mod observe;
 pub mod pipeline;
 pub mod reload;
+pub mod route;
 pub mod strip;
 pub mod tools;
 pub mod trace;

@@ -31,6 +31,7 @@ pub struct Shared {
     pub explain: bool,
     pub identity: IdentityHeaders,
     pub upstream: UpstreamConfig,
+    pub routes: Vec<crate::config::RouteConfig>,
 }
 
 /// Builds the request stack, in request order.
@@ -52,6 +53,8 @@ pub fn build(
         .layer(NormalizeLayer)
         // drop client-sent identity and forwarding headers before anything reads them
         .layer(StripLayer)
+        // gateway mode: pick the route (upstream, Http::Service) by host and path; 404 when none
+        .layer(crate::route::RouteLayer::new(&shared.routes))
         // exactly one credential, verified; 401 when present but invalid
         .layer(AuthnLayer::new(shared.authn.clone()))
         // Cedar: 405 for undeclared methods, 403 on deny (audit mode: log, forward)
@@ -61,5 +64,9 @@ pub fn build(
             headers: shared.identity,
         })
         // pooled client to the local service; 502 / 504 when it fails
-        .service(Forward::new(&shared.upstream, shared.metrics.clone()))
+        .service(Forward::new(
+            &shared.upstream,
+            &shared.routes,
+            shared.metrics.clone(),
+        ))
 }

@@ -150,6 +150,8 @@ pub fn decide(
             .as_deref()
             .or_else(|| headers.get("host").and_then(|h| h.to_str().ok())),
         conn: &conn,
+        service: None,
+        service_arn: None,
     };
     policies.decide(&input).map_err(|e| match e {
         ProxyError::MethodNotAllowed => {

@@ -37,6 +37,8 @@ pub struct Options {
     pub upstream: Option<std::net::SocketAddr>,
     /// Extra `[authz]` lines, like `mode = "audit"`.
     pub authz_extra: &'static str,
+    /// Extra top-level TOML (`[[route]]` blocks).
+    pub extra_toml: String,
 }
 
 impl Default for Options {
@@ -52,6 +54,7 @@ impl Default for Options {
             trust_domains: None,
             upstream: None,
             authz_extra: "",
+            extra_toml: String::new(),
         }
     }
 }
@@ -171,10 +174,13 @@ max_body = "{max_body}"
 accounts = {{ "123456789012" = "o-exampleorgid" }}
 
 {jwt_block}
+{extra_toml}
+
 [authz]
 policies = "{policies}"
 {authz_extra}
 "#,
+            extra_toml = opts.extra_toml,
             authz_extra = opts.authz_extra,
             max_body = opts.max_body,
             jwt_block = opts.jwt_block.clone().unwrap_or_else(|| format!(

@@ -2,6 +2,7 @@
 
 mod check;
 mod drain;
+mod gateway;
 mod harness;
 mod jwt;
 mod lattice;
