@@ -71,6 +71,11 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Exit 0 when the admin endpoint answers 200 (for container health checks).
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:15090/readyz")]
+        url: String,
+    },
     /// Local-dev helpers: mint credentials for a warden-protected service.
     Token {
         #[command(subcommand)]
@@ -235,6 +240,13 @@ pub fn main() -> ExitCode {
             region,
             command,
         } => sign(&service, region, &command),
+        Command::Healthcheck { url } => match healthcheck(&url) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("unhealthy: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Demo => {
             let rt = match runtime(Some(2)) {
                 Ok(rt) => rt,
@@ -329,6 +341,35 @@ fn policy_test(
             }
         }
         Err(e) => config_error(e),
+    }
+}
+
+/// A plain HTTP/1.0 GET to a loopback admin URL; Ok on status 200.
+fn healthcheck(url: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let uri: http::Uri = url.parse().map_err(|_| format!("`{url}` is not a URL"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err("only http:// admin URLs".to_owned());
+    }
+    let host = uri.host().ok_or("no host")?;
+    let port = uri.port_u16().unwrap_or(80);
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let timeout = std::time::Duration::from_secs(3);
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("no address")?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut head = [0u8; 32];
+    let n = s.read(&mut head).map_err(|e| e.to_string())?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    if line.starts_with("HTTP/1.0 200") || line.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(line.lines().next().unwrap_or("").to_owned())
     }
 }
 

@@ -619,7 +619,11 @@ impl Config {
                 fix(ca);
             }
         }
-        if let Some(s) = &mut self.authn.sigv4 {
+        if let Some(s) = self.authn.sigv4.as_mut().filter(|s| {
+            !s.credentials
+                .to_str()
+                .is_some_and(|p| p.starts_with("env:"))
+        }) {
             fix(&mut s.credentials);
         }
         if let Some(f) = self.authn.sts.as_mut().and_then(|s| s.ca_file.as_mut()) {

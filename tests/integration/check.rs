@@ -283,3 +283,51 @@ fn policy_test_passes_the_shipped_cases_and_fails_a_wrong_expectation() {
     assert!(out.contains("FAIL anonymous may not read orders"), "{out}");
     assert!(out.contains("0 passed, 1 failed"), "{out}");
 }
+
+#[test]
+fn credentials_can_come_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("warden.toml");
+    std::fs::write(
+        &cfg,
+        base(dir.path(), &policies_dir())
+            + "[authn.sigv4]\ncredentials = \"env:WARDEN_TEST_CREDENTIALS\"\n",
+    )
+    .unwrap();
+    let run = |value: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_warden"));
+        cmd.args(["check", "--config"]).arg(&cfg);
+        match value {
+            Some(v) => cmd.env("WARDEN_TEST_CREDENTIALS", v),
+            None => cmd.env_remove("WARDEN_TEST_CREDENTIALS"),
+        };
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let good = "[[credential]]\naccess_key_id = \"AKIDENV\"\nsecret_access_key = \"s\"\nprincipal = \"arn:aws:iam::123456789012:role/r\"\n";
+    assert_eq!(run(Some(good)).0, Some(0));
+    let (code, err) = run(None);
+    assert_eq!(code, Some(64));
+    assert!(err.contains("WARDEN_TEST_CREDENTIALS"), "{err}");
+}
+
+#[test]
+fn healthcheck_fails_without_an_admin_endpoint() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(env!("CARGO_BIN_EXE_warden"))
+        .args([
+            "healthcheck",
+            "--url",
+            &format!("http://127.0.0.1:{port}/readyz"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}

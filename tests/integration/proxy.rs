@@ -566,6 +566,17 @@ async fn plaintext_listener_and_admin_endpoints() {
             .unwrap();
         assert_eq!(rsp.status.as_u16(), code, "{path}");
     }
+    // `warden healthcheck` (the container health check) sees the admin endpoint.
+    let url = format!("http://{}/readyz", h.admin);
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_warden"))
+            .args(["healthcheck", "--url", &url])
+            .status()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(status.success());
     let metrics = h.metrics().await;
     for name in [
         "warden_requests_total{authn=\"sigv4\",decision=\"allow\",code=\"200\"} 1",

@@ -571,9 +571,16 @@ struct CredentialsFile {
     credential: Vec<Credential>,
 }
 
-/// Loads and checks a credentials file.
+/// Loads and checks a credentials file. `env:NAME` reads the file's TOML
+/// from the environment variable `NAME` (ECS injects Secrets Manager and
+/// SSM values as environment variables).
 pub fn load_credentials(path: &Path) -> Result<Vec<Credential>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = match path.to_str().and_then(|p| p.strip_prefix("env:")) {
+        Some(var) => {
+            std::env::var(var).map_err(|_| format!("environment variable `{var}` is not set"))?
+        }
+        None => std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
+    };
     let file: CredentialsFile =
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut seen = std::collections::HashSet::new();
