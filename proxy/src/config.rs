@@ -141,13 +141,14 @@ impl Default for UpstreamConfig {
 }
 
 fn default_upstream() -> UpstreamAddr {
-    UpstreamAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 8080)))
+    UpstreamAddr::Tcp("127.0.0.1:8080".to_owned())
 }
 
 /// Where the local service listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamAddr {
-    Tcp(SocketAddr),
+    /// `ip:port` or `host:port` (resolved when connecting).
+    Tcp(String),
     Unix(PathBuf),
 }
 
@@ -160,11 +161,19 @@ impl<'de> Deserialize<'de> for UpstreamAddr {
             }
             return Ok(Self::Unix(PathBuf::from(path)));
         }
-        s.parse().map(Self::Tcp).map_err(|_| {
-            de::Error::custom(format!(
-                "invalid upstream address `{s}`: expected `ip:port` or `unix:/path`"
-            ))
-        })
+        let valid = s.parse::<SocketAddr>().is_ok()
+            || s.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty()
+                    && !host.contains(['/', ' ', '[', ']'])
+                    && port.parse::<u16>().is_ok_and(|p| p != 0)
+            });
+        if valid {
+            Ok(Self::Tcp(s))
+        } else {
+            Err(de::Error::custom(format!(
+                "invalid upstream address `{s}`: expected `host:port`, `ip:port` or `unix:/path`"
+            )))
+        }
     }
 }
 

@@ -97,7 +97,7 @@ impl Service<Uri> for Connector {
             let connect = async {
                 match &*addr {
                     UpstreamAddr::Tcp(a) => {
-                        let s = TcpStream::connect(a).await?;
+                        let s = TcpStream::connect(a.as_str()).await?;
                         s.set_nodelay(true)?;
                         Ok(Stream::Tcp(s))
                     }

@@ -331,3 +331,42 @@ fn healthcheck_fails_without_an_admin_endpoint() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn every_shipped_deploy_config_parses_and_validates() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let configs = [
+        "deploy/warden.toml",
+        "deploy/ecs/warden.toml",
+        "deploy/compose/warden.toml",
+        "deploy/kubernetes/base/warden.toml",
+        "deploy/kubernetes/overlays/gateway/warden.toml",
+    ];
+    for c in configs {
+        let text = std::fs::read_to_string(root.join(c)).unwrap();
+        let cfg = warden::config::Config::from_toml_str(&text, Path::new(c), std::iter::empty())
+            .unwrap_or_else(|e| panic!("{e}"));
+        cfg.validate().unwrap_or_else(|e| panic!("{c}: {e}"));
+    }
+}
+
+#[test]
+fn upstream_addresses_take_host_names() {
+    for (addr, ok) in [
+        ("app:8080", true),
+        ("payments.payments.svc.cluster.local:8080", true),
+        ("127.0.0.1:8080", true),
+        ("[::1]:8080", true),
+        ("unix:/run/app.sock", true),
+        ("app", false),
+        ("app:0", false),
+        ("app:http", false),
+        (":8080", false),
+        ("unix:", false),
+    ] {
+        let toml = format!("[upstream]\naddress = \"{addr}\"\n");
+        let parsed =
+            warden::config::Config::from_toml_str(&toml, Path::new("t"), std::iter::empty());
+        assert_eq!(parsed.is_ok(), ok, "{addr}");
+    }
+}
