@@ -142,6 +142,23 @@ fn check_shape<B>(req: &Request<B>) -> Result<(), ProxyError> {
     if req.headers().contains_key("http2-settings") {
         return Err(ProxyError::bad_request("h2c upgrade is not supported"));
     }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::bad_request("more than one Host header"));
+    }
+    // An absolute-form target must name the same host as `Host`, so routing,
+    // policies and the upstream all see one host.
+    if let (Some(authority), Some(host)) = (req.uri().authority(), host) {
+        if !host
+            .as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        {
+            return Err(ProxyError::bad_request(
+                "request target and Host name different hosts",
+            ));
+        }
+    }
     Ok(())
 }
 

@@ -6,6 +6,7 @@ mod gateway;
 mod harness;
 mod jwt;
 mod lattice;
+mod paths;
 mod proxy;
 mod reload;
 mod vectors;

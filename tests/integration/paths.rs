@@ -1,0 +1,103 @@
+//! The path-safety table: each tricky request form, sent as raw bytes through
+//! the running proxy. The authorizer (decision-log `resource`) and the
+//! upstream always see the same path, or the request is refused before both.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::harness::{Harness, Options};
+
+/// Sends raw request bytes; returns the status code.
+async fn raw(h: &Harness, request: Vec<u8>) -> u16 {
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    s.write_all(&request).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    let text = String::from_utf8_lossy(&buf);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+fn get(target: &str, host: &str) -> Vec<u8> {
+    format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+#[tokio::test]
+async fn the_authorizer_and_the_upstream_see_the_same_path() {
+    let mut h = Harness::with(Options {
+        tls: false,
+        ..Options::default()
+    })
+    .await;
+    let host = h.host();
+    let long = format!("/public/{}", "a".repeat(4000));
+    // (request target, status, the path both must see when forwarded)
+    let rows: Vec<(String, u16, Option<&str>)> = vec![
+        ("//public//a".into(), 200, Some("/public/a")),
+        ("/public/./b".into(), 200, Some("/public/b")),
+        ("/api/../public/b".into(), 200, Some("/public/b")),
+        ("/public/x/%2e%2e/b".into(), 200, Some("/public/b")),
+        ("/public/%2e%2E/public/c".into(), 200, Some("/public/c")),
+        ("/public/a%2Fb".into(), 400, None),
+        ("/public/a%2fb".into(), 400, None),
+        ("/public/a%5Cb".into(), 400, None),
+        ("/public/100%25".into(), 200, Some("/public/100%25")),
+        ("/public/a;jsessionid=1".into(), 400, None),
+        ("/public/a%3Bjsessionid=1".into(), 400, None),
+        ("/public/dir/".into(), 200, Some("/public/dir/")),
+        ("/public/a%00b".into(), 400, None),
+        ("/public/%FF%FE".into(), 200, Some("/public/%FF%FE")),
+        ("/public/%7Euser".into(), 200, Some("/public/~user")),
+        ("/public/../../etc/passwd".into(), 400, None),
+        (long.clone(), 200, Some(long.as_str())),
+        (
+            format!("http://{host}/public/abs"),
+            200,
+            Some("/public/abs"),
+        ),
+        ("http://evil.example/public/abs".into(), 400, None),
+        ("*".into(), 400, None),
+    ];
+    for (target, status, seen) in &rows {
+        let got = raw(&h, get(target, &host)).await;
+        assert_eq!(got, *status, "{target}");
+        match seen {
+            Some(path) => {
+                let up = h.upstream_got();
+                assert_eq!(up.uri, *path, "upstream path for {target}");
+                let log = h.next_log();
+                assert_eq!(
+                    log["resource"],
+                    format!("Http::Path::{path:?}"),
+                    "authorizer path for {target}"
+                );
+            }
+            None => {
+                h.assert_upstream_untouched();
+                let log = h.next_log();
+                assert!(
+                    log["resource"].is_null(),
+                    "refused before authorization: {target}"
+                );
+            }
+        }
+    }
+    // Methods are case-sensitive tokens: `get` is not an action in the schema.
+    let lower =
+        format!("get /public/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes();
+    assert_eq!(raw(&h, lower).await, 405);
+    // OPTIONS * and CONNECT (authority form) are refused.
+    let star =
+        format!("OPTIONS * HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes();
+    assert_eq!(raw(&h, star).await, 400);
+    let connect = format!("CONNECT {host} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes();
+    assert_eq!(raw(&h, connect).await, 400);
+    // Two Host headers are refused.
+    let two = format!(
+        "GET /public/x HTTP/1.1\r\nHost: {host}\r\nHost: other\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    assert_eq!(raw(&h, two).await, 400);
+    h.assert_upstream_untouched();
+}
