@@ -24,6 +24,7 @@ use crate::pipeline::{self, Shared};
 pub struct Loaded {
     pub authn: Authenticator,
     pub policies: PolicySnapshot,
+    pub shadow: Option<PolicySnapshot>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
@@ -92,9 +93,23 @@ pub fn load(cfg: &Config) -> Result<Loaded, String> {
         .as_ref()
         .map(listener::server_config)
         .transpose()?;
+    let shadow = match (&cfg.authz.shadow_policies, cfg.authz.shadow_schema_path()) {
+        (Some(dir), Some(schema)) => Some(
+            PolicySnapshot::load(
+                dir,
+                &schema,
+                cfg.authz.mode,
+                &cfg.service.name,
+                cfg.service.arn.as_deref(),
+            )
+            .map_err(|e| format!("shadow policies: {e}"))?,
+        ),
+        _ => None,
+    };
     Ok(Loaded {
         authn,
         policies,
+        shadow,
         tls,
     })
 }
@@ -147,6 +162,7 @@ impl App {
         let shared = Shared {
             authn: Arc::new(ArcSwap::from_pointee(loaded.authn)),
             policies: Arc::new(ArcSwap::from_pointee(loaded.policies)),
+            shadow: loaded.shadow.map(|s| Arc::new(ArcSwap::from_pointee(s))),
             metrics,
             log,
             mode: cfg.authz.mode,
@@ -213,6 +229,26 @@ impl App {
             self.shared.policies.clone(),
             self.shared.metrics.clone(),
         ));
+        let shadow_reloader = match (&self.shared.shadow, &self.cfg.authz.shadow_policies) {
+            (Some(shadow), Some(dir)) => Some(tokio::spawn(crate::reload::watch(
+                crate::reload::PolicySource {
+                    dir: dir.clone(),
+                    schema: self
+                        .cfg
+                        .authz
+                        .shadow_schema_path()
+                        .unwrap_or_else(|| self.cfg.authz.schema_path()),
+                    mode: self.cfg.authz.mode,
+                    service: self.cfg.service.name.clone(),
+                    service_arn: self.cfg.service.arn.clone(),
+                },
+                shadow.clone(),
+                // The shadow set's reloads are not the enforced set's: keep its
+                // counts and gauges out of the main metrics.
+                Arc::new(Metrics::register(&mut Registry::default())),
+            ))),
+            _ => None,
+        };
         let service = pipeline::build(&self.shared);
         let shutdown = async move {
             shutdown.await;
@@ -229,6 +265,9 @@ impl App {
         )
         .await;
         reloader.abort();
+        if let Some(r) = shadow_reloader {
+            r.abort();
+        }
         let _ = stop_admin.send(());
         let _ = admin.await;
     }

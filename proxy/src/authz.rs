@@ -457,11 +457,15 @@ pub struct AuthzInput<'a> {
 #[derive(Clone)]
 pub struct AuthzLayer {
     policies: Arc<ArcSwap<PolicySnapshot>>,
+    shadow: Option<Arc<ArcSwap<PolicySnapshot>>>,
 }
 
 impl AuthzLayer {
-    pub fn new(policies: Arc<ArcSwap<PolicySnapshot>>) -> Self {
-        Self { policies }
+    pub fn new(
+        policies: Arc<ArcSwap<PolicySnapshot>>,
+        shadow: Option<Arc<ArcSwap<PolicySnapshot>>>,
+    ) -> Self {
+        Self { policies, shadow }
     }
 }
 
@@ -471,6 +475,7 @@ impl<S> Layer<S> for AuthzLayer {
         Authz {
             inner,
             policies: self.policies.clone(),
+            shadow: self.shadow.clone(),
         }
     }
 }
@@ -479,6 +484,7 @@ impl<S> Layer<S> for AuthzLayer {
 pub struct Authz<S> {
     inner: S,
     policies: Arc<ArcSwap<PolicySnapshot>>,
+    shadow: Option<Arc<ArcSwap<PolicySnapshot>>>,
 }
 
 type BoxFut = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
@@ -532,6 +538,15 @@ impl<S> Authz<S> {
         let _ = trace.action.set(format!("Action::{:?}", input.method));
         let _ = trace.resource.set(format!("Http::Path::{:?}", input.path));
         let decision = snapshot.decide(&input)?;
+        if let Some(shadow) = &self.shadow {
+            // Never enforced: an error there is logged, not answered.
+            match shadow.load().decide(&input) {
+                Ok(d) => {
+                    let _ = trace.shadow.set(d);
+                }
+                Err(e) => tracing::warn!(error = %e, "shadow policy set could not decide"),
+            }
+        }
         let allow = decision.allow;
         let _ = trace.decision.set(decision);
         if allow || snapshot.mode == AuthzMode::Audit {

@@ -428,6 +428,9 @@ pub struct AuthzConfig {
     /// Local development: a denied response names why in `x-warden-deny-reason`.
     #[serde(default)]
     pub explain_header: bool,
+    /// A second policy directory evaluated on every request, logged and
+    /// counted, never enforced (its own schema.cedarschema, else `schema`).
+    pub shadow_policies: Option<PathBuf>,
 }
 
 impl Default for AuthzConfig {
@@ -437,11 +440,24 @@ impl Default for AuthzConfig {
             schema: None,
             mode: AuthzMode::default(),
             explain_header: false,
+            shadow_policies: None,
         }
     }
 }
 
 impl AuthzConfig {
+    /// The shadow set's schema: its own if present, else the main one.
+    pub fn shadow_schema_path(&self) -> Option<PathBuf> {
+        self.shadow_policies.as_ref().map(|dir| {
+            let own = dir.join("schema.cedarschema");
+            if own.exists() {
+                own
+            } else {
+                self.schema_path()
+            }
+        })
+    }
+
     pub fn schema_path(&self) -> PathBuf {
         self.schema
             .clone()
@@ -647,6 +663,9 @@ impl Config {
             }
         }
         fix(&mut self.authz.policies);
+        if let Some(d) = &mut self.authz.shadow_policies {
+            fix(d);
+        }
         if let Some(s) = &mut self.authz.schema {
             fix(s);
         }

@@ -29,6 +29,12 @@ pub struct DecisionLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowLabels {
+    pub decision: &'static str,
+    pub agrees: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -61,6 +67,7 @@ pub struct Metrics {
     pub request_duration: Histogram,
     pub authn_failures: Family<AuthnFailureLabels, Counter>,
     pub authz_decisions: Family<DecisionLabels, Counter>,
+    pub shadow_decisions: Family<ShadowLabels, Counter>,
     pub policy_reloads: Family<ResultLabels, Counter>,
     /// 1 for the active policy set's hash.
     pub policy_set: Family<HashLabels, Gauge>,
@@ -88,6 +95,7 @@ impl Metrics {
             request_duration: duration_histogram(),
             authn_failures: Family::default(),
             authz_decisions: Family::default(),
+            shadow_decisions: Family::default(),
             policy_reloads: Family::default(),
             policy_set: Family::default(),
             policy_loaded: Gauge::default(),
@@ -117,6 +125,11 @@ impl Metrics {
             "warden_authz_decisions",
             "Cedar decisions, by decision and mode",
             m.authz_decisions.clone(),
+        );
+        registry.register(
+            "warden_authz_shadow_decisions",
+            "Decisions of the shadow policy set, and whether they agree with the enforced one",
+            m.shadow_decisions.clone(),
         );
         registry.register(
             "warden_policy_reloads",

@@ -17,7 +17,7 @@ use crate::audit::DecisionLog;
 use crate::body::Body;
 use crate::config::AuthzMode;
 use crate::error::{rescue, ProxyError};
-use crate::metrics::{AuthnFailureLabels, DecisionLabels, Metrics, RequestLabels};
+use crate::metrics::{AuthnFailureLabels, DecisionLabels, Metrics, RequestLabels, ShadowLabels};
 use crate::trace::{ConnInfo, Trace};
 
 /// Whether a client-supplied `x-request-id` is safe to keep.
@@ -187,6 +187,19 @@ impl ObserveLayer {
                 })
                 .inc();
         }
+        let shadow = trace.shadow.get();
+        if let Some(sh) = shadow {
+            m.shadow_decisions
+                .get_or_create(&ShadowLabels {
+                    decision: if sh.allow { "allow" } else { "deny" },
+                    agrees: if decision.is_some_and(|d| d.allow == sh.allow) {
+                        "true"
+                    } else {
+                        "false"
+                    },
+                })
+                .inc();
+        }
         let ts = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
@@ -214,6 +227,14 @@ impl ObserveLayer {
             "status": status,
             "duration_us": u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
         });
+        let mut line = line;
+        if let Some(sh) = shadow {
+            line["shadow"] = serde_json::json!({
+                "decision": if sh.allow { "allow" } else { "deny" },
+                "policies": sh.policies,
+                "policy_set": sh.policy_set.to_string(),
+            });
+        }
         self.log.write(line.to_string());
     }
 }

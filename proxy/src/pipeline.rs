@@ -25,6 +25,8 @@ use crate::strip::StripLayer;
 pub struct Shared {
     pub authn: Arc<ArcSwap<Authenticator>>,
     pub policies: Arc<ArcSwap<PolicySnapshot>>,
+    /// Evaluated, logged and counted on every request; never enforced.
+    pub shadow: Option<Arc<ArcSwap<PolicySnapshot>>>,
     pub metrics: Arc<Metrics>,
     pub log: DecisionLog,
     pub mode: AuthzMode,
@@ -58,7 +60,10 @@ pub fn build(
         // exactly one credential, verified; 401 when present but invalid
         .layer(AuthnLayer::new(shared.authn.clone()))
         // Cedar: 405 for undeclared methods, 403 on deny (audit mode: log, forward)
-        .layer(AuthzLayer::new(shared.policies.clone()))
+        .layer(AuthzLayer::new(
+            shared.policies.clone(),
+            shared.shadow.clone(),
+        ))
         // hop-by-hop headers out; verified identity and forwarding headers in
         .layer(IdentityLayer {
             headers: shared.identity,

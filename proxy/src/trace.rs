@@ -58,6 +58,8 @@ pub struct Trace {
     pub action: OnceLock<String>,
     pub resource: OnceLock<String>,
     pub decision: OnceLock<Decision>,
+    /// What the shadow policy set said (never enforced).
+    pub shadow: OnceLock<Decision>,
 }
 
 impl Trace {
@@ -72,6 +74,7 @@ impl Trace {
             action: OnceLock::new(),
             resource: OnceLock::new(),
             decision: OnceLock::new(),
+            shadow: OnceLock::new(),
         }
     }
 }

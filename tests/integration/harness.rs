@@ -36,7 +36,7 @@ pub struct Options {
     /// Forward to this upstream instead of the echo upstream.
     pub upstream: Option<std::net::SocketAddr>,
     /// Extra `[authz]` lines, like `mode = "audit"`.
-    pub authz_extra: &'static str,
+    pub authz_extra: String,
     /// Extra top-level TOML (`[[route]]` blocks).
     pub extra_toml: String,
 }
@@ -53,7 +53,7 @@ impl Default for Options {
             policies: None,
             trust_domains: None,
             upstream: None,
-            authz_extra: "",
+            authz_extra: String::new(),
             extra_toml: String::new(),
         }
     }

@@ -91,7 +91,8 @@ async fn the_authorizer_and_the_upstream_see_the_same_path() {
     let star =
         format!("OPTIONS * HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes();
     assert_eq!(raw(&h, star).await, 400);
-    let connect = format!("CONNECT {host} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes();
+    let connect = format!("CONNECT {host} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+        .into_bytes();
     assert_eq!(raw(&h, connect).await, 400);
     // Two Host headers are refused.
     let two = format!(

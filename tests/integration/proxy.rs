@@ -824,7 +824,7 @@ async fn x509_svid_rules_are_enforced() {
 #[tokio::test]
 async fn audit_mode_forwards_denies_and_logs_them() {
     let mut h = Harness::with(Options {
-        authz_extra: "mode = \"audit\"",
+        authz_extra: "mode = \"audit\"".into(),
         ..Options::default()
     })
     .await;
@@ -863,7 +863,7 @@ async fn audit_mode_forwards_denies_and_logs_them() {
 #[tokio::test]
 async fn explain_header_names_the_deciding_policies_when_enabled() {
     let h = Harness::with(Options {
-        authz_extra: "explain_header = true",
+        authz_extra: "explain_header = true".into(),
         ..Options::default()
     })
     .await;
@@ -892,4 +892,53 @@ async fn explain_header_names_the_deciding_policies_when_enabled() {
         )
         .await;
     assert!(!rsp.headers.contains_key("x-warden-deny-reason"));
+}
+
+#[tokio::test]
+async fn shadow_policies_are_logged_and_counted_never_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("trial.cedar"),
+        "@id(\"trial-open-orders\")\npermit (principal, action == Action::\"GET\", resource in Http::Path::\"/api/orders/\");\n",
+    )
+    .unwrap();
+    let mut h = Harness::with(Options {
+        authz_extra: format!("shadow_policies = \"{}\"", dir.path().display()),
+        ..Options::default()
+    })
+    .await;
+    // Enforced: deny. Shadow: allow. The enforced answer stands.
+    let rsp = h
+        .send(h.request("GET", "/api/orders/1").body(empty()).unwrap())
+        .await;
+    assert_eq!(rsp.status, StatusCode::FORBIDDEN);
+    h.assert_upstream_untouched();
+    let log = h.next_log();
+    assert_eq!(log["decision"], "deny");
+    assert_eq!(log["shadow"]["decision"], "allow");
+    assert_eq!(log["shadow"]["policies"][0], "trial-open-orders");
+    // A public read: enforced allow, shadow deny.
+    assert_eq!(
+        h.send(h.request("GET", "/public/x").body(empty()).unwrap())
+            .await
+            .status,
+        StatusCode::OK
+    );
+    h.upstream_got();
+    let log = h.next_log();
+    assert_eq!(
+        log["shadow"]["decision"], "deny",
+        "the shadow set has no public-read"
+    );
+    let metrics = h.metrics().await;
+    assert!(
+        metrics
+            .contains("warden_authz_shadow_decisions_total{decision=\"allow\",agrees=\"false\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("warden_authz_shadow_decisions_total{decision=\"deny\",agrees=\"false\"} 1"),
+        "{metrics}"
+    );
 }
