@@ -6,9 +6,7 @@
 //! by its `@id` (else `<file>:<index>`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
@@ -487,8 +485,6 @@ pub struct Authz<S> {
     shadow: Option<Arc<ArcSwap<PolicySnapshot>>>,
 }
 
-type BoxFut = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
-
 impl<S> Service<Request<Body>> for Authz<S>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
@@ -496,7 +492,7 @@ where
 {
     type Response = Response<Body>;
     type Error = ProxyError;
-    type Future = futures_util::future::Either<S::Future, BoxFut>;
+    type Future = crate::error::Either<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -505,7 +501,7 @@ where
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         match self.authorize(&req) {
             Ok(()) => futures_util::future::Either::Left(self.inner.call(req)),
-            Err(e) => futures_util::future::Either::Right(Box::pin(async move { Err(e) })),
+            Err(e) => crate::error::reject(e),
         }
     }
 }

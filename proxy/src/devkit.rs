@@ -169,26 +169,18 @@ impl SigV4Key<'_> {
     }
 }
 
-/// Signs a request with AWS's `aws-sigv4` signer; returns the headers to add.
-/// With `content_sha256`, the signer also sends `x-amz-content-sha256`.
-pub fn sign_sigv4(
+/// Runs AWS's `aws-sigv4` signer with `settings`; returns its instructions.
+fn run_signer(
     key: &SigV4Key<'_>,
     method: &str,
     url: &str,
     headers: &[(&str, &str)],
     body: &[u8],
     time: SystemTime,
-    content_sha256: bool,
-) -> Result<Vec<(String, String)>, DevError> {
-    use aws_sigv4::http_request::{
-        sign, PayloadChecksumKind, SignableBody, SignableRequest, SigningSettings,
-    };
-    let creds = key.credentials();
-    let identity = creds.into();
-    let mut settings = SigningSettings::default();
-    if content_sha256 {
-        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
-    }
+    settings: aws_sigv4::http_request::SigningSettings,
+) -> Result<aws_sigv4::http_request::SigningInstructions, DevError> {
+    use aws_sigv4::http_request::{sign, SignableBody, SignableRequest};
+    let identity = key.credentials().into();
     let params = aws_sigv4::sign::v4::SigningParams::builder()
         .identity(&identity)
         .region(key.region)
@@ -203,7 +195,26 @@ pub fn sign_sigv4(
         headers.iter().copied(),
         SignableBody::Bytes(body),
     )?;
-    let (instructions, _) = sign(signable, &params)?.into_parts();
+    Ok(sign(signable, &params)?.into_parts().0)
+}
+
+/// Signs a request with AWS's `aws-sigv4` signer; returns the headers to add.
+/// With `content_sha256`, the signer also sends `x-amz-content-sha256`.
+pub fn sign_sigv4(
+    key: &SigV4Key<'_>,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    time: SystemTime,
+    content_sha256: bool,
+) -> Result<Vec<(String, String)>, DevError> {
+    use aws_sigv4::http_request::{PayloadChecksumKind, SigningSettings};
+    let mut settings = SigningSettings::default();
+    if content_sha256 {
+        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+    }
+    let instructions = run_signer(key, method, url, headers, body, time, settings)?;
     Ok(instructions
         .headers()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -220,29 +231,11 @@ pub fn presign_sigv4(
     time: SystemTime,
     expires_in: std::time::Duration,
 ) -> Result<String, DevError> {
-    use aws_sigv4::http_request::{
-        sign, SignableBody, SignableRequest, SignatureLocation, SigningSettings,
-    };
-    let creds = key.credentials();
-    let identity = creds.into();
+    use aws_sigv4::http_request::{SignatureLocation, SigningSettings};
     let mut settings = SigningSettings::default();
     settings.signature_location = SignatureLocation::QueryParams;
     settings.expires_in = Some(expires_in);
-    let params = aws_sigv4::sign::v4::SigningParams::builder()
-        .identity(&identity)
-        .region(key.region)
-        .name(key.service)
-        .time(time)
-        .settings(settings)
-        .build()?
-        .into();
-    let signable = SignableRequest::new(
-        method,
-        url,
-        headers.iter().copied(),
-        SignableBody::Bytes(&[]),
-    )?;
-    let (instructions, _) = sign(signable, &params)?.into_parts();
+    let instructions = run_signer(key, method, url, headers, &[], time, settings)?;
     let mut out = url.to_owned();
     for (i, (k, v)) in instructions.params().iter().enumerate() {
         let sep = if i == 0 && !url.contains('?') {

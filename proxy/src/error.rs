@@ -5,6 +5,8 @@
 //! short reason; operators see the detail in the log.
 
 use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use http::{header, HeaderValue, Response, StatusCode};
@@ -114,6 +116,17 @@ impl ProxyError {
             Self::PayloadTooLarge => 8,
         }
     }
+}
+
+/// A boxed response future, for layers that answer before calling inward.
+pub type BoxResponse = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+/// The future of a layer that either calls inward (`F`) or refuses here.
+pub type Either<F> = futures_util::future::Either<F, BoxResponse>;
+
+/// Refuses a request from a layer whose future is [`Either`].
+pub fn reject<F>(e: ProxyError) -> Either<F> {
+    futures_util::future::Either::Right(Box::pin(async move { Err(e) }))
 }
 
 /// Turns an error into the response the client receives.

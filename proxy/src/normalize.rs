@@ -4,8 +4,6 @@
 //! and what the upstream receives; the raw request-target is kept aside for
 //! SigV4, which signs what the client sent.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use http::{header, Method, Request, Response, Uri};
@@ -177,8 +175,6 @@ pub struct Normalize<S> {
     inner: S,
 }
 
-type BoxFut = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
-
 impl<S> Service<Request<Body>> for Normalize<S>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = ProxyError> + Send,
@@ -186,16 +182,14 @@ where
 {
     type Response = Response<Body>;
     type Error = ProxyError;
-    type Future = futures_util::future::Either<S::Future, BoxFut>;
+    type Future = crate::error::Either<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let reject = |e: ProxyError| -> Self::Future {
-            futures_util::future::Either::Right(Box::pin(async move { Err(e) }))
-        };
+        let reject = crate::error::reject::<S::Future>;
         if let Err(e) = check_shape(&req) {
             return reject(e);
         }

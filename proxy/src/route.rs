@@ -2,8 +2,6 @@
 //! host and path. Runs after normalization, before authentication; a host no
 //! route matches is answered 404 before anything else happens.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -83,8 +81,6 @@ pub struct Router<S> {
     layer: RouteLayer,
 }
 
-type BoxFut = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
-
 impl<S> Service<Request<Body>> for Router<S>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
@@ -92,7 +88,7 @@ where
 {
     type Response = Response<Body>;
     type Error = ProxyError;
-    type Future = futures_util::future::Either<S::Future, BoxFut>;
+    type Future = crate::error::Either<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -115,9 +111,7 @@ where
                 req.extensions_mut().insert(route);
                 futures_util::future::Either::Left(self.inner.call(req))
             }
-            None => {
-                futures_util::future::Either::Right(Box::pin(async { Err(ProxyError::NoRoute) }))
-            }
+            None => crate::error::reject(ProxyError::NoRoute),
         }
     }
 }

@@ -3,7 +3,6 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -13,7 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
-use super::harness::{Harness, Options};
+use super::harness::{eventually, Harness, Options};
 
 /// A key from `tests/fixtures/jwt-keys.json`.
 struct TestKey {
@@ -151,19 +150,6 @@ async fn plain(jwt_block: String) -> Harness {
         ..Options::default()
     })
     .await
-}
-
-/// Polls `check` until it holds or 10 s pass.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn ready(h: &Harness) {

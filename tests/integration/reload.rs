@@ -1,13 +1,11 @@
 //! Policy hot reload through the running proxy: a new set takes effect
 //! without a restart, a broken one is refused and the old set keeps deciding.
 
-use std::time::{Duration, Instant};
-
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::Full;
 
-use super::harness::{policies_dir, Harness, Options};
+use super::harness::{eventually, policies_dir, Harness, Options};
 
 async fn status(h: &Harness, path: &str) -> StatusCode {
     h.send(
@@ -17,19 +15,6 @@ async fn status(h: &Harness, path: &str) -> StatusCode {
     )
     .await
     .status
-}
-
-/// Polls until `check` holds or 10 s pass.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
