@@ -174,6 +174,9 @@ impl StsVerifier {
             .authority()
             .map(|a| a.as_str().to_ascii_lowercase())
             .unwrap_or_default();
+        if host.contains('@') {
+            return Err(StsError::Malformed("URL must not carry userinfo"));
+        }
         let bare = uri.host().unwrap_or("");
         let allowed = self.hosts.contains(&host) || (is_aws_sts_host(bare) && uri.port().is_none());
         if !allowed {
@@ -345,6 +348,56 @@ mod tests {
             "sts.us-east-1.amazonaws.co",
         ] {
             assert!(!is_aws_sts_host(bad), "{bad}");
+        }
+    }
+
+    fn verifier() -> StsVerifier {
+        let cfg = crate::config::Config::from_toml_str(
+            "[authn.sts]\nendpoint = \"https://sts.us-east-1.amazonaws.com\"\n",
+            std::path::Path::new("t"),
+            std::iter::empty(),
+        )
+        .unwrap();
+        StsVerifier::new(cfg.authn.sts.as_ref().unwrap(), "orders").unwrap()
+    }
+
+    fn token(url: &str) -> String {
+        format!(
+            "{PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(url)
+        )
+    }
+
+    #[test]
+    fn prechecks_refuse_before_any_network_call() {
+        let v = verifier();
+        let now = SystemTime::now();
+        let date = {
+            let fmt =
+                time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+            time::OffsetDateTime::now_utc().format(&fmt).unwrap()
+        };
+        let q = format!(
+            "Action=GetCallerIdentity&Version=2011-06-15&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKID%2F20260101%2Fus-east-1%2Fsts%2Faws4_request&X-Amz-Date={date}&X-Amz-Expires=60&X-Amz-SignedHeaders=host%3Bx-k8s-aws-id&X-Amz-Signature=00"
+        );
+        let ok = format!("https://sts.us-east-1.amazonaws.com/?{q}");
+        assert!(v.precheck(&token(&ok), now).is_ok());
+        for (url, why) in [
+            (
+                format!("https://x@sts.us-east-1.amazonaws.com/?{q}"),
+                "userinfo",
+            ),
+            (
+                format!("https://sts.us-east-1.amazonaws.com:8443/?{q}"),
+                "not an STS host",
+            ),
+            (format!("http://sts.us-east-1.amazonaws.com/?{q}"), "https"),
+            (format!("https://sts.us-east-1.amazonaws.com/x?{q}"), "path"),
+            (ok.replace("host%3Bx-k8s-aws-id", "host"), "audience header"),
+            (format!("{ok}&Extra=1"), "unexpected"),
+        ] {
+            let err = v.precheck(&token(&url), now).unwrap_err().to_string();
+            assert!(err.contains(why), "{why}: {err}");
         }
     }
 
