@@ -211,6 +211,8 @@ impl App {
         let settings = ConnSettings {
             header_read_timeout: self.cfg.runtime.header_read_timeout,
             drain_timeout: self.cfg.runtime.drain_timeout,
+            max_header_bytes: usize::try_from(self.cfg.runtime.max_header_bytes)
+                .unwrap_or(usize::MAX),
         };
         let ready = self.admin.ready.clone();
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();

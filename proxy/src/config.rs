@@ -509,6 +509,13 @@ pub struct RuntimeConfig {
     pub drain_timeout: Duration,
     #[serde(default = "secs::<10>", deserialize_with = "duration")]
     pub header_read_timeout: Duration,
+    /// Largest request head (request line and headers); beyond it 431.
+    #[serde(default = "default_max_header_bytes", deserialize_with = "size")]
+    pub max_header_bytes: u64,
+}
+
+fn default_max_header_bytes() -> u64 {
+    32 * 1024
 }
 
 impl Default for RuntimeConfig {
@@ -517,6 +524,7 @@ impl Default for RuntimeConfig {
             workers: None,
             drain_timeout: secs::<15>(),
             header_read_timeout: secs::<10>(),
+            max_header_bytes: default_max_header_bytes(),
         }
     }
 }

@@ -79,6 +79,7 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
 pub struct ConnSettings {
     pub header_read_timeout: Duration,
     pub drain_timeout: Duration,
+    pub max_header_bytes: usize,
 }
 
 struct ActiveGuard(Arc<Metrics>);
@@ -107,11 +108,16 @@ pub async fn serve<S>(
 {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper answers 431 itself when a request head outgrows the buffer.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     let local = listener.local_addr().ok();
     tokio::pin!(shutdown);

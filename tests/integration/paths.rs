@@ -102,3 +102,24 @@ async fn the_authorizer_and_the_upstream_see_the_same_path() {
     assert_eq!(raw(&h, two).await, 400);
     h.assert_upstream_untouched();
 }
+
+#[tokio::test]
+async fn oversized_headers_are_431_and_never_forwarded() {
+    let mut h = Harness::with(Options {
+        tls: false,
+        ..Options::default()
+    })
+    .await;
+    let host = h.host();
+    let big = "x".repeat(1024);
+    let mut req = format!("GET /public/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for i in 0..64 {
+        req.push_str(&format!("x-filler-{i}: {big}\r\n"));
+    }
+    req.push_str("\r\n");
+    assert_eq!(raw(&h, req.into_bytes()).await, 431);
+    h.assert_upstream_untouched();
+    // A normal request on a new connection is still served.
+    assert_eq!(raw(&h, get("/public/x", &host)).await, 200);
+    h.upstream_got();
+}
