@@ -191,6 +191,12 @@ impl Service<Request<Body>> for Forward {
             }
             *req.uri_mut() = Forward::target(req.uri())?;
             *req.version_mut() = Version::HTTP_11;
+            // A WebSocket upgrade: keep the client's side of the upgrade to splice.
+            let client_upgrade = req
+                .headers()
+                .get(header::UPGRADE)
+                .is_some()
+                .then(|| hyper::upgrade::on(&mut req));
             let fail = |kind: &'static str| {
                 metrics
                     .upstream_errors
@@ -223,7 +229,30 @@ impl Service<Request<Body>> for Forward {
                         ))
                     }
                 }
-                Ok(Ok(rsp)) => {
+                Ok(Ok(mut rsp)) => {
+                    if rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                        let Some(client_upgrade) = client_upgrade else {
+                            fail("protocol");
+                            return Err(ProxyError::UpstreamUnavailable(
+                                "unexpected upgrade from upstream".into(),
+                            ));
+                        };
+                        let upstream_upgrade = hyper::upgrade::on(&mut rsp);
+                        tokio::spawn(async move {
+                            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                                Ok((client, upstream)) => {
+                                    let mut client = TokioIo::new(client);
+                                    let mut upstream = TokioIo::new(upstream);
+                                    let _ =
+                                        tokio::io::copy_bidirectional(&mut client, &mut upstream)
+                                            .await;
+                                }
+                                Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+                            }
+                        });
+                        let (parts, body) = rsp.into_parts();
+                        return Ok(Response::from_parts(parts, body::boxed(body)));
+                    }
                     let (mut parts, body) = rsp.into_parts();
                     crate::identity::remove_hop_by_hop(&mut parts.headers);
                     Ok(Response::from_parts(parts, body::boxed(body)))

@@ -65,6 +65,22 @@ fn escape(value: &str, out: &mut String) -> Result<(), ()> {
     Ok(())
 }
 
+/// Whether a request asks for a WebSocket upgrade (the only upgrade spliced).
+pub fn is_websocket<B>(req: &Request<B>) -> bool {
+    let upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let connection = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    upgrade && connection && req.version() == http::Version::HTTP_11
+}
+
 /// `Principal=…; PrincipalOrgID=…; SessionName=…; Type=…`, or `None` when a
 /// value holds a control character.
 pub fn lattice_identity(identity: &Identity) -> Option<String> {
@@ -138,8 +154,14 @@ where
             None
         };
         let trace = req.extensions().get::<Arc<Trace>>().cloned();
+        let websocket = is_websocket(&req);
         let headers = req.headers_mut();
         remove_hop_by_hop(headers);
+        if websocket {
+            // The one hop-by-hop exchange warden forwards: it splices the upgrade.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
         if let Some(v) = identity.and_then(|v| HeaderValue::try_from(v).ok()) {
             headers.insert(LATTICE_IDENTITY, v);
         }

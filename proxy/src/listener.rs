@@ -152,8 +152,10 @@ pub async fn serve<S>(
                         local,
                         tls: None,
                     });
-                    let conn = builder
-                        .serve_connection(TokioIo::new(stream), hyper_service(service, conn));
+                    let conn = builder.serve_connection_with_upgrades(
+                        TokioIo::new(stream),
+                        hyper_service(service, conn),
+                    );
                     let _ = watcher.watch(conn).await;
                 }
                 Some(acceptor) => {
@@ -179,8 +181,10 @@ pub async fn serve<S>(
                         local,
                         tls: Some(tls_info),
                     });
-                    let conn = builder
-                        .serve_connection(TokioIo::new(stream), hyper_service(service, conn));
+                    let conn = builder.serve_connection_with_upgrades(
+                        TokioIo::new(stream),
+                        hyper_service(service, conn),
+                    );
                     let _ = watcher.watch(conn).await;
                 }
             }

@@ -508,11 +508,11 @@ async fn attacks_are_refused() {
             "namespace claim",
         ),
         (
-            "100 KB token",
+            "20 KB token (over the 16 KiB token limit)",
             format!(
                 "{}.{}.{}",
                 b64(&json!({"alg": "ES256"})),
-                "A".repeat(100 * 1024),
+                "A".repeat(20 * 1024),
                 sig
             ),
             "token too large",
@@ -587,6 +587,17 @@ async fn attacks_are_refused() {
         );
         assert!(rsp.text().contains(reason), "{what}: {}", rsp.text());
     }
+    // 100 KB does not even fit the request head (runtime.max_header_bytes): 431.
+    let huge = format!(
+        "{}.{}.{}",
+        b64(&json!({"alg": "ES256"})),
+        "A".repeat(100 * 1024),
+        sig
+    );
+    assert_eq!(
+        call(&h, &huge, "/api/catalog/x").await.status,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
     h.assert_upstream_untouched();
     // The valid token still works after all that.
     assert_eq!(

@@ -10,3 +10,4 @@ mod paths;
 mod proxy;
 mod reload;
 mod vectors;
+mod websocket;
