@@ -128,6 +128,17 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     #[serde(default = "secs::<30>", deserialize_with = "duration")]
     pub request_timeout: Duration,
+    /// `http1`, or `h2` (prior knowledge) for gRPC services: trailers pass through.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    H2,
 }
 
 impl Default for UpstreamConfig {
@@ -136,6 +147,7 @@ impl Default for UpstreamConfig {
             address: default_upstream(),
             connect_timeout: secs::<1>(),
             request_timeout: secs::<30>(),
+            protocol: UpstreamProtocol::default(),
         }
     }
 }

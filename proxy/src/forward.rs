@@ -117,11 +117,12 @@ impl Service<Uri> for Connector {
 pub struct Forward {
     /// The `[upstream]` client, then one per `[[route]]`, in order.
     clients: Arc<Vec<Client<Connector, Body>>>,
+    version: Version,
     request_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
-fn client(addr: &UpstreamAddr, connect_timeout: Duration) -> Client<Connector, Body> {
+fn client(addr: &UpstreamAddr, connect_timeout: Duration, h2: bool) -> Client<Connector, Body> {
     let connector = Connector {
         addr: Arc::new(addr.clone()),
         timeout: connect_timeout,
@@ -129,6 +130,7 @@ fn client(addr: &UpstreamAddr, connect_timeout: Duration) -> Client<Connector, B
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .set_host(false)
+        .http2_only(h2)
         .build(connector)
 }
 
@@ -138,21 +140,33 @@ impl Forward {
         routes: &[crate::config::RouteConfig],
         metrics: Arc<Metrics>,
     ) -> Self {
+        let h2 = cfg.protocol == crate::config::UpstreamProtocol::H2;
         let clients = std::iter::once(&cfg.address)
             .chain(routes.iter().map(|r| &r.upstream))
-            .map(|addr| client(addr, cfg.connect_timeout))
+            .map(|addr| client(addr, cfg.connect_timeout, h2))
             .collect();
         Self {
             clients: Arc::new(clients),
+            version: if h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            },
             request_timeout: cfg.request_timeout,
             metrics,
         }
     }
 
     /// Where the request goes: the socket is fixed; only the path matters.
-    fn target(uri: &Uri) -> Result<Uri, ProxyError> {
+    /// The connector ignores the URI's host (the socket is fixed); it names
+    /// the request's host so HTTP/2 upstreams get it as `:authority`.
+    fn target(uri: &Uri, host: Option<&HeaderValue>) -> Result<Uri, ProxyError> {
         let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        format!("http://upstream{pq}")
+        let authority = host
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| h.parse::<http::uri::Authority>().is_ok())
+            .unwrap_or("upstream");
+        format!("http://{authority}{pq}")
             .parse()
             .map_err(|_| ProxyError::bad_request("malformed request target"))
     }
@@ -173,6 +187,7 @@ impl Service<Request<Body>> for Forward {
             .get::<crate::route::Route>()
             .map_or(0, |r| r.index + 1);
         let client = self.clients.get(index).cloned();
+        let version = self.version;
         let timeout = self.request_timeout;
         let metrics = self.metrics.clone();
         Box::pin(async move {
@@ -189,8 +204,12 @@ impl Service<Request<Body>> for Forward {
                     req.headers_mut().insert(header::HOST, v);
                 }
             }
-            *req.uri_mut() = Forward::target(req.uri())?;
-            *req.version_mut() = Version::HTTP_11;
+            *req.uri_mut() = Forward::target(req.uri(), req.headers().get(header::HOST))?;
+            *req.version_mut() = version;
+            if version == Version::HTTP_2 {
+                // `:authority` carries the host on HTTP/2.
+                req.headers_mut().remove(header::HOST);
+            }
             // A WebSocket upgrade: keep the client's side of the upgrade to splice.
             let client_upgrade = req
                 .headers()

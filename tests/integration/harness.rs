@@ -35,6 +35,8 @@ pub struct Options {
     pub trust_domains: Option<&'static str>,
     /// Forward to this upstream instead of the echo upstream.
     pub upstream: Option<std::net::SocketAddr>,
+    /// Speak HTTP/2 (prior knowledge) to the upstream.
+    pub upstream_h2: bool,
     /// Extra `[authz]` lines, like `mode = "audit"`.
     pub authz_extra: String,
     /// Extra top-level TOML (`[[route]]` blocks).
@@ -53,6 +55,7 @@ impl Default for Options {
             policies: None,
             trust_domains: None,
             upstream: None,
+            upstream_h2: false,
             authz_extra: String::new(),
             extra_toml: String::new(),
         }
@@ -157,6 +160,7 @@ address = "127.0.0.1:0"
 address = "{upstream}"
 connect_timeout = "1s"
 request_timeout = "5s"
+protocol = "{protocol}"
 
 [admin]
 address = "127.0.0.1:0"
@@ -183,6 +187,7 @@ policies = "{policies}"
             extra_toml = opts.extra_toml,
             authz_extra = opts.authz_extra,
             max_body = opts.max_body,
+            protocol = if opts.upstream_h2 { "h2" } else { "http1" },
             jwt_block = opts.jwt_block.clone().unwrap_or_else(|| format!(
                 "[[authn.jwt]]\nissuer = \"{ISSUER}\"\naudiences = [\"orders\"]\njwks_file = \"jwks.json\"\nprincipal = \"k8s\"\ncluster = \"test\"\n"
             )),

@@ -3,6 +3,7 @@
 mod check;
 mod drain;
 mod gateway;
+mod grpc;
 mod harness;
 mod jwt;
 mod lattice;
