@@ -8,7 +8,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::HeaderMap;
 use warden::authn::{AwsFacts, AwsPrincipal, Identity, Principal};
 use warden::authz::{AuthzInput, PolicySnapshot};
-use warden::config::AuthzMode;
+use warden::config::{AuthzMode, ServiceConfig};
 use warden::trace::ConnInfo;
 
 const SCHEMA: &str = include_str!("../policies/schema.cedarschema");
@@ -37,8 +37,10 @@ fn policy_set(n: usize) -> PolicySnapshot {
         dir.path(),
         &dir.path().join("schema.cedarschema"),
         AuthzMode::Enforce,
-        "orders",
-        None,
+        &ServiceConfig {
+            name: "orders".to_owned(),
+            ..ServiceConfig::default()
+        },
     )
     .expect("policies")
 }

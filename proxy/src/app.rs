@@ -84,8 +84,7 @@ pub fn load(cfg: &Config) -> Result<Loaded, String> {
         &cfg.authz.policies,
         &cfg.authz.schema_path(),
         cfg.authz.mode,
-        &cfg.service.name,
-        cfg.service.arn.as_deref(),
+        &cfg.service,
     )?;
     let tls = cfg
         .listener
@@ -95,14 +94,8 @@ pub fn load(cfg: &Config) -> Result<Loaded, String> {
         .transpose()?;
     let shadow = match (&cfg.authz.shadow_policies, cfg.authz.shadow_schema_path()) {
         (Some(dir), Some(schema)) => Some(
-            PolicySnapshot::load(
-                dir,
-                &schema,
-                cfg.authz.mode,
-                &cfg.service.name,
-                cfg.service.arn.as_deref(),
-            )
-            .map_err(|e| format!("shadow policies: {e}"))?,
+            PolicySnapshot::load(dir, &schema, cfg.authz.mode, &cfg.service)
+                .map_err(|e| format!("shadow policies: {e}"))?,
         ),
         _ => None,
     };
@@ -223,8 +216,7 @@ impl App {
             dir: self.cfg.authz.policies.clone(),
             schema: self.cfg.authz.schema_path(),
             mode: self.cfg.authz.mode,
-            service: self.cfg.service.name.clone(),
-            service_arn: self.cfg.service.arn.clone(),
+            service: self.cfg.service.clone(),
         };
         let reloader = tokio::spawn(crate::reload::watch(
             policy_source,
@@ -241,8 +233,7 @@ impl App {
                         .shadow_schema_path()
                         .unwrap_or_else(|| self.cfg.authz.schema_path()),
                     mode: self.cfg.authz.mode,
-                    service: self.cfg.service.name.clone(),
-                    service_arn: self.cfg.service.arn.clone(),
+                    service: self.cfg.service.clone(),
                 },
                 shadow.clone(),
                 // The shadow set's reloads are not the enforced set's: keep its

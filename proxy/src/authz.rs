@@ -21,7 +21,7 @@ use tower::{Layer, Service};
 
 use crate::authn::{Identity, Principal};
 use crate::body::Body;
-use crate::config::AuthzMode;
+use crate::config::{AuthzMode, ServiceConfig};
 use crate::error::ProxyError;
 use crate::trace::{ConnInfo, Decision, Trace};
 
@@ -67,6 +67,7 @@ pub struct PolicySnapshot {
     pub mode: AuthzMode,
     service: String,
     service_arn: Option<String>,
+    network_arn: Option<String>,
 }
 
 impl std::fmt::Debug for PolicySnapshot {
@@ -84,8 +85,7 @@ impl PolicySnapshot {
         dir: &Path,
         schema_path: &Path,
         mode: AuthzMode,
-        service: &str,
-        service_arn: Option<&str>,
+        service: &ServiceConfig,
     ) -> Result<Self, String> {
         let schema_src = std::fs::read_to_string(schema_path)
             .map_err(|e| format!("{}: {e}", schema_path.display()))?;
@@ -166,8 +166,9 @@ impl PolicySnapshot {
             hash: Arc::from(hex::encode(&digest.finish().as_ref()[..8])),
             loaded_at: std::time::SystemTime::now(),
             mode,
-            service: service.to_owned(),
-            service_arn: service_arn.map(str::to_owned),
+            service: service.name.clone(),
+            service_arn: service.arn.clone(),
+            network_arn: service.network_arn.clone(),
         })
     }
 
@@ -260,6 +261,9 @@ impl PolicySnapshot {
         if let Some(arn) = input.service_arn.or(self.service_arn.as_deref()) {
             pairs.push(("service_arn".to_owned(), s(arn)));
         }
+        if let Some(arn) = &self.network_arn {
+            pairs.push(("service_network_arn".to_owned(), s(arn)));
+        }
         if let Some(tls) = &input.conn.tls {
             let mut rec = vec![("version".to_owned(), s(tls.version))];
             if let Some(crate::trace::PeerCert::Spiffe(id)) = &tls.peer {
@@ -271,6 +275,7 @@ impl PolicySnapshot {
             let mut rec = vec![
                 ("access_key_id".to_owned(), s(&aws.access_key_id)),
                 ("account".to_owned(), s(&p.account)),
+                ("principal_arn".to_owned(), s(&p.arn)),
                 (
                     "presigned".to_owned(),
                     RestrictedExpression::new_bool(aws.presigned),

@@ -223,6 +223,9 @@ pub struct ServiceConfig {
     #[serde(default = "default_service")]
     pub name: String,
     pub arn: Option<String>,
+    /// The Lattice service network this service belongs to
+    /// (`vpc-lattice-svcs:ServiceNetworkArn`).
+    pub network_arn: Option<String>,
 }
 
 impl Default for ServiceConfig {
@@ -230,6 +233,7 @@ impl Default for ServiceConfig {
         Self {
             name: default_service(),
             arn: None,
+            network_arn: None,
         }
     }
 }

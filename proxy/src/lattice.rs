@@ -132,6 +132,11 @@ fn aws_principal(p: &str) -> R<String> {
 }
 
 /// `arn:PARTITION:vpc-lattice:REGION:ACCOUNT:service/ID/PATH` patterns.
+///
+/// An Invoke request's resource is the service's ARN followed by the request
+/// path, so a pattern splits into a test on `context.service_arn` and one on
+/// `context.path`. The split is exact only where IAM's `*` (which also
+/// matches `/`) cannot straddle it; other patterns are refused.
 fn resource_expr(r: &str) -> R<Option<String>> {
     if r == "*" {
         return Ok(None);
@@ -146,37 +151,48 @@ fn resource_expr(r: &str) -> R<Option<String>> {
     let rest = res
         .strip_prefix("service/")
         .ok_or_else(|| format!("resource `{r}` does not name a service"))?;
-    let (service, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None if rest.ends_with('*') => (rest, "*"),
-        None => (rest, ""),
+    let (arn, path) = match rest.find('/') {
+        Some(i) if rest[..i].contains('*') => {
+            return Err(format!(
+                "resource `{r}`: a wildcard in the service id followed by a path \
+                 cannot be split into service and path (IAM's `*` also matches `/`)"
+            ))
+        }
+        Some(i) => (&r[..r.len() - (rest.len() - i)], &rest[i..]),
+        // `service/svc-*`: the star covers the rest of the id and any path.
+        None if rest.find('*') == Some(rest.len() - 1) => (r, "*"),
+        None if rest.contains('*') => {
+            return Err(format!(
+                "resource `{r}`: a wildcard inside the service id \
+                 cannot be split into service and path (IAM's `*` also matches `/`)"
+            ))
+        }
+        None => {
+            return Err(format!(
+                "resource `{r}` never matches an Invoke request, whose resource is \
+                 service/ID/PATH; write `{r}/*` for every path"
+            ))
+        }
     };
-    let arn_prefix = &r[..r.len() - path.len()];
-    let mut conds = Vec::new();
-    let any_service = parts[3] == "*" && parts[4] == "*" && service == "*";
-    if any_service {
-        // every service: no condition
-    } else if arn_prefix.contains('*') {
-        conds.push(format!(
+    // The service ARN has exactly five colons, as the pattern does, so a
+    // `*` there cannot straddle a segment.
+    let mut conds = vec![if arn.contains('*') {
+        format!(
             "(context has service_arn && context.service_arn like {})",
-            like_pattern(arn_prefix)?
-        ));
+            like_pattern(arn)?
+        )
     } else {
-        conds.push(format!(
+        format!(
             "(context has service_arn && context.service_arn == {})",
-            lit(arn_prefix)
-        ));
-    }
+            lit(arn)
+        )
+    }];
     match path {
-        "" | "*" | "/*" => {}
+        "*" | "/*" => {}
         p if p.contains('*') => conds.push(format!("context.path like {}", like_pattern(p)?)),
         p => conds.push(format!("context.path == {}", lit(p))),
     }
-    Ok(if conds.is_empty() {
-        None
-    } else {
-        Some(conds.join(" && "))
-    })
+    Ok(Some(conds.join(" && ")))
 }
 
 /// A condition key as a Cedar value: (presence test, single value or set).
@@ -221,6 +237,10 @@ fn key_expr(key: &str) -> R<KeyExpr> {
         "vpc-lattice-svcs:requestmethod" => s("true", "context.method"),
         "vpc-lattice-svcs:requestpath" => s("true", "context.path"),
         "vpc-lattice-svcs:servicearn" => s("context has service_arn", "context.service_arn"),
+        "vpc-lattice-svcs:servicenetworkarn" => s(
+            "context has service_network_arn",
+            "context.service_network_arn",
+        ),
         "vpc-lattice-svcs:port" => Ok(KeyExpr::Num {
             has: "true".into(),
             val: "context.port".into(),
@@ -230,10 +250,44 @@ fn key_expr(key: &str) -> R<KeyExpr> {
             "context.aws.org_id",
         ),
         "aws:principalaccount" => s("context has aws", "context.aws.account"),
+        "aws:principalarn" => s("context has aws", "context.aws.principal_arn"),
         _ => Err(format!(
             "condition key `{key}` cannot be evaluated by warden"
         )),
     }
+}
+
+/// `aws:PrincipalType` has a fixed vocabulary, so equality, negation and
+/// case folding are all exact. The key is always present: `IfExists` changes
+/// nothing.
+fn principal_type(op: &str, values: &[String]) -> R<String> {
+    let negated = match op {
+        "StringEquals" | "StringEqualsIgnoreCase" => false,
+        "StringNotEquals" | "StringNotEqualsIgnoreCase" => true,
+        _ => return Err(format!("`{op}` on aws:PrincipalType is not supported")),
+    };
+    let fold = op.ends_with("IgnoreCase");
+    let mut parts = Vec::new();
+    for v in values {
+        let same = |t: &str| {
+            if fold {
+                t.eq_ignore_ascii_case(v)
+            } else {
+                t == v
+            }
+        };
+        // warden authenticates neither account roots nor federated users, and
+        // an unknown type never matches, as in IAM.
+        if same("Anonymous") {
+            parts.push("principal is Warden::Anonymous".to_owned());
+        } else if same("User") {
+            parts.push("principal is Aws::User".to_owned());
+        } else if same("AssumedRole") {
+            parts.push("principal is Aws::Role".to_owned());
+        }
+    }
+    let any = any_of(parts);
+    Ok(if negated { format!("!({any})") } else { any })
 }
 
 /// One operator over one key with its values (OR'ed), IAM semantics.
@@ -246,10 +300,13 @@ fn condition(op: &str, key: &str, values: &[String]) -> R<String> {
         Some(o) => (o, true),
         None => (op, false),
     };
+    let lower_key = key.to_ascii_lowercase();
+    if lower_key == "aws:principaltype" && qualifier.is_none() {
+        return principal_type(op, values);
+    }
     if op.ends_with("IgnoreCase") {
         return Err(format!("`{op}` has no Cedar equivalent (no case folding)"));
     }
-    let lower_key = key.to_ascii_lowercase();
     // Keys with their own shapes.
     if lower_key == "aws:sourceip" {
         let ranges: Vec<String> = values
@@ -268,18 +325,6 @@ fn condition(op: &str, key: &str, values: &[String]) -> R<String> {
             [v] if v == "false" => Ok("!(context has tls)".to_owned()),
             _ => Err("Bool on aws:SecureTransport takes one of true/false".to_owned()),
         };
-    }
-    if lower_key == "aws:principaltype" && op == "StringEquals" {
-        let mut parts = Vec::new();
-        for v in values {
-            parts.push(match v.as_str() {
-                "Anonymous" => "principal is Warden::Anonymous".to_owned(),
-                "User" => "principal is Aws::User".to_owned(),
-                "AssumedRole" => "principal is Aws::Role".to_owned(),
-                other => return Err(format!("aws:PrincipalType `{other}` is not supported")),
-            });
-        }
-        return Ok(any_of(parts));
     }
     let k = key_expr(key)?;
     if op == "Null" {
@@ -317,12 +362,33 @@ fn condition(op: &str, key: &str, values: &[String]) -> R<String> {
         }
         (KeyExpr::Set { has, set }, "StringEquals" | "StringNotEquals") => {
             let list = values.iter().map(|v| lit(v)).collect::<Vec<_>>().join(", ");
-            let test = match qualifier {
-                None | Some("ForAnyValue") => format!("{set}.containsAny([{list}])"),
-                Some("ForAllValues") => format!("[{list}].containsAll({set})"),
-                Some(q) => return Err(format!("qualifier `{q}` is not supported")),
+            let any_listed = format!("{set}.containsAny([{list}])");
+            let all_listed = format!("[{list}].containsAll({set})");
+            // IAM set operators: ForAnyValue needs some value to match and is
+            // false on a missing key; ForAllValues needs every value to
+            // match and is (vacuously) true on a missing key.
+            let body = match (qualifier, negated) {
+                (None, _) => None,
+                (Some("ForAnyValue"), false) => Some(format!("({has} && {any_listed})")),
+                (Some("ForAnyValue"), true) => Some(format!("({has} && !{all_listed})")),
+                // Repeating the presence test lets the validator see the
+                // guarded access.
+                (Some("ForAllValues"), false) => {
+                    Some(format!("(!({has}) || ({has} && {all_listed}))"))
+                }
+                (Some("ForAllValues"), true) => {
+                    Some(format!("(!({has}) || ({has} && !{any_listed}))"))
+                }
+                (Some(q), _) => return Err(format!("qualifier `{q}` is not supported")),
             };
-            (has.clone(), test)
+            if let Some(body) = body {
+                return Ok(if if_exists {
+                    format!("(!({has}) || ({has} && {body}))")
+                } else {
+                    body
+                });
+            }
+            (has.clone(), any_listed)
         }
         (KeyExpr::Set { .. }, _) => {
             return Err(format!(

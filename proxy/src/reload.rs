@@ -15,7 +15,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use crate::authz::PolicySnapshot;
-use crate::config::AuthzMode;
+use crate::config::{AuthzMode, ServiceConfig};
 use crate::metrics::{Metrics, ResultLabels};
 
 /// Where policies come from, as configured.
@@ -24,19 +24,12 @@ pub struct PolicySource {
     pub dir: PathBuf,
     pub schema: PathBuf,
     pub mode: AuthzMode,
-    pub service: String,
-    pub service_arn: Option<String>,
+    pub service: ServiceConfig,
 }
 
 impl PolicySource {
     pub fn load(&self) -> Result<PolicySnapshot, String> {
-        PolicySnapshot::load(
-            &self.dir,
-            &self.schema,
-            self.mode,
-            &self.service,
-            self.service_arn.as_deref(),
-        )
+        PolicySnapshot::load(&self.dir, &self.schema, self.mode, &self.service)
     }
 }
 

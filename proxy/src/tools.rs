@@ -167,8 +167,7 @@ pub fn load_policies(cfg: &Config) -> Result<PolicySnapshot, String> {
         &cfg.authz.policies,
         &cfg.authz.schema_path(),
         cfg.authz.mode,
-        &cfg.service.name,
-        cfg.service.arn.as_deref(),
+        &cfg.service,
     )
 }
 

@@ -8,7 +8,7 @@ use http::StatusCode;
 use http_body_util::Full;
 use warden::devkit::{self, SigV4Key};
 
-use super::harness::{policies_dir, Harness, Options, ACCESS_KEY, REGION, SECRET, SERVICE};
+use super::harness::{policy_dir_with, Harness, Options, ACCESS_KEY, REGION, SECRET, SERVICE};
 
 const POLICIES: &str = r#"
 @id("alpha-public-reads")
@@ -26,13 +26,7 @@ permit (
 async fn routes_pick_upstream_and_service() {
     let (alpha, mut alpha_seen) = devkit::spawn_upstream().await.unwrap();
     let (beta, mut beta_seen) = devkit::spawn_upstream().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("gateway.cedar"), POLICIES).unwrap();
-    std::fs::copy(
-        policies_dir().join("schema.cedarschema"),
-        dir.path().join("schema.cedarschema"),
-    )
-    .unwrap();
+    let dir = policy_dir_with("gateway.cedar", POLICIES);
     let h = Harness::with(Options {
         tls: false,
         policies: Some(dir.path().to_path_buf()),

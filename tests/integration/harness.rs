@@ -41,6 +41,12 @@ pub struct Options {
     pub authz_extra: String,
     /// Extra top-level TOML (`[[route]]` blocks).
     pub extra_toml: String,
+    /// Extra `[service]` lines, like `arn = "…"`.
+    pub service_extra: String,
+    /// Extra `[[credential]]` blocks for the SigV4 credentials file.
+    pub credentials_extra: String,
+    /// Extra `[authn.aws] accounts` entries, like `, "999999999999" = "o-…"`.
+    pub accounts_extra: String,
 }
 
 impl Default for Options {
@@ -58,6 +64,9 @@ impl Default for Options {
             upstream_h2: false,
             authz_extra: String::new(),
             extra_toml: String::new(),
+            service_extra: String::new(),
+            credentials_extra: String::new(),
+            accounts_extra: String::new(),
         }
     }
 }
@@ -65,6 +74,7 @@ impl Default for Options {
 /// How to sign: extra signed headers, secret, time, and whether to send
 /// `x-amz-content-sha256`.
 pub struct Signing<'a> {
+    pub access_key_id: &'a str,
     pub extra: &'a [(&'a str, &'a str)],
     pub secret: &'a str,
     pub time: SystemTime,
@@ -74,6 +84,7 @@ pub struct Signing<'a> {
 impl Default for Signing<'_> {
     fn default() -> Self {
         Self {
+            access_key_id: ACCESS_KEY,
             extra: &[],
             secret: SECRET,
             time: SystemTime::now(),
@@ -100,6 +111,18 @@ pub fn policies_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
 }
 
+/// A policy directory holding `cedar` as `file` beside the shipped schema.
+pub fn policy_dir_with(file: &str, cedar: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(file), cedar).unwrap();
+    std::fs::copy(
+        policies_dir().join("schema.cedarschema"),
+        dir.path().join("schema.cedarschema"),
+    )
+    .unwrap();
+    dir
+}
+
 impl Harness {
     pub async fn start() -> Self {
         Self::with(Options::default()).await
@@ -123,7 +146,8 @@ impl Harness {
             d.join("credentials.toml"),
             format!(
                 "[[credential]]\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key = \"{SECRET}\"\n\
-                 principal = \"arn:aws:iam::123456789012:role/order-service-role\"\n"
+                 principal = \"arn:aws:iam::123456789012:role/order-service-role\"\n{}",
+                opts.credentials_extra
             ),
         )
         .unwrap();
@@ -167,6 +191,7 @@ address = "127.0.0.1:0"
 
 [service]
 name = "orders"
+{service_extra}
 
 [authn.sigv4]
 region = "{REGION}"
@@ -175,7 +200,7 @@ credentials = "credentials.toml"
 max_body = "{max_body}"
 
 [authn.aws]
-accounts = {{ "123456789012" = "o-exampleorgid" }}
+accounts = {{ "123456789012" = "o-exampleorgid"{accounts_extra} }}
 
 {jwt_block}
 {extra_toml}
@@ -185,6 +210,8 @@ policies = "{policies}"
 {authz_extra}
 "#,
             extra_toml = opts.extra_toml,
+            service_extra = opts.service_extra,
+            accounts_extra = opts.accounts_extra,
             authz_extra = opts.authz_extra,
             max_body = opts.max_body,
             protocol = if opts.upstream_h2 { "h2" } else { "http1" },
@@ -269,7 +296,7 @@ policies = "{policies}"
         let mut headers = vec![("host", host.as_str())];
         headers.extend_from_slice(how.extra);
         let key = SigV4Key {
-            access_key_id: ACCESS_KEY,
+            access_key_id: how.access_key_id,
             secret: how.secret,
             session_token: None,
             region: REGION,

@@ -7,7 +7,7 @@ use std::path::Path;
 use warden::config::Config;
 use warden::tools::{decide, headers_of, load_policies, Extra};
 
-use super::harness::policies_dir;
+use super::harness::policy_dir_with;
 
 const SVC: &str = "arn:aws:vpc-lattice:us-east-1:123456789012:service/svc-0123456789abcdef0";
 const ROLE: &str = "Aws::Role::\"arn:aws:iam::123456789012:role/order-service-role\"";
@@ -21,13 +21,7 @@ type Case<'a> = (&'a str, &'a str, &'a str, &'a [&'a str], &'a str, bool);
 /// Imports `policy`, loads it as the only policy set, and checks every case.
 fn check(policy: &str, cases: &[Case<'_>]) {
     let cedar = warden::lattice::import(policy).unwrap_or_else(|e| panic!("{e}\n{policy}"));
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("imported.cedar"), &cedar).unwrap();
-    std::fs::copy(
-        policies_dir().join("schema.cedarschema"),
-        dir.path().join("schema.cedarschema"),
-    )
-    .unwrap();
+    let dir = policy_dir_with("imported.cedar", &cedar);
     let toml = format!(
         "[service]\nname = \"orders\"\narn = \"{SVC}\"\n[authn.aws]\naccounts = {{ \"123456789012\" = \"o-exampleorgid\" }}\n[authz]\npolicies = \"{}\"\n",
         dir.path().display()
@@ -188,6 +182,22 @@ fn untranslatable_statements_are_refused_with_the_reason() {
         (
             r#"{"Statement":[{"Sid":"A","Effect":"Allow","Principal":"*","Action":"*","Resource":"*"},{"Sid":"A","Effect":"Deny","Principal":"*","Action":"*","Resource":"*"}]}"#,
             "statement 2 (A)",
+        ),
+        (
+            r#"{"Statement":[{"Effect":"Allow","Principal":"*","Action":"*","Resource":"arn:aws:vpc-lattice:us-east-1:123456789012:service/svc-0123456789abcdef0"}]}"#,
+            "never matches an Invoke request",
+        ),
+        (
+            r#"{"Statement":[{"Effect":"Allow","Principal":"*","Action":"*","Resource":"arn:aws:vpc-lattice:us-east-1:123456789012:service/svc-*/admin/*"}]}"#,
+            "wildcard in the service id followed by a path",
+        ),
+        (
+            r#"{"Statement":[{"Effect":"Allow","Principal":"*","Action":"*","Resource":"arn:aws:vpc-lattice:us-east-1:123456789012:service/svc-*x"}]}"#,
+            "wildcard inside the service id",
+        ),
+        (
+            r#"{"Statement":[{"Effect":"Allow","Principal":"*","Action":"*","Resource":"*","Condition":{"ForAnyValue:StringLike":{"vpc-lattice-svcs:RequestQueryString/x":"a*"}}}]}"#,
+            "multi-valued",
         ),
     ] {
         let err = warden::lattice::import(policy).unwrap_err().to_string();

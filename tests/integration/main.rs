@@ -7,6 +7,7 @@ mod grpc;
 mod harness;
 mod jwt;
 mod lattice;
+mod parity;
 mod paths;
 mod proxy;
 mod reload;
