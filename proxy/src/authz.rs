@@ -6,7 +6,7 @@
 //! by its `@id` (else `<file>:<index>`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
@@ -79,6 +79,45 @@ impl std::fmt::Debug for PolicySnapshot {
     }
 }
 
+/// The schema and every `*.cedar` file of `dir` (sorted), as text.
+type Sources = (String, Vec<(PathBuf, String)>);
+
+fn read_sources(dir: &Path, schema_path: &Path) -> Result<Sources, String> {
+    let schema = std::fs::read_to_string(schema_path)
+        .map_err(|e| format!("{}: {e}", schema_path.display()))?;
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cedar") && p.is_file())
+        .collect();
+    paths.sort();
+    let mut files = Vec::with_capacity(paths.len());
+    for p in paths {
+        let src = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        files.push((p, src));
+    }
+    Ok((schema, files))
+}
+
+/// Reads the sources until two reads in a row agree, so a directory swapped
+/// while it is read (a ConfigMap's `..data` symlink, an editor's save) is
+/// never loaded half old, half new.
+fn read_stable(dir: &Path, schema_path: &Path) -> Result<Sources, String> {
+    let mut last = read_sources(dir, schema_path)?;
+    for _ in 0..8 {
+        let again = read_sources(dir, schema_path)?;
+        if again == last {
+            return Ok(last);
+        }
+        last = again;
+    }
+    Err(format!(
+        "{}: the policy directory kept changing while it was read",
+        dir.display()
+    ))
+}
+
 impl PolicySnapshot {
     /// Loads every `*.cedar` in `dir`, validates strictly against `schema_path`.
     pub fn load(
@@ -87,24 +126,14 @@ impl PolicySnapshot {
         mode: AuthzMode,
         service: &ServiceConfig,
     ) -> Result<Self, String> {
-        let schema_src = std::fs::read_to_string(schema_path)
-            .map_err(|e| format!("{}: {e}", schema_path.display()))?;
+        let (schema_src, files) = read_stable(dir, schema_path)?;
         let (schema, _warnings) = Schema::from_cedarschema_str(&schema_src)
             .map_err(|e| located(schema_path, &schema_src, &e, &e))?;
-        let mut files: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "cedar") && p.is_file())
-            .collect();
-        files.sort();
         let validator = Validator::new(schema.clone());
         let mut policies = PolicySet::new();
         let mut names: BTreeMap<String, String> = BTreeMap::new();
         let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-        for file in &files {
-            let src =
-                std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        for (file, src) in &files {
             digest.update(
                 file.file_name()
                     .map(|n| n.as_encoded_bytes())
@@ -113,7 +142,7 @@ impl PolicySnapshot {
             digest.update(src.as_bytes());
             let pset: PolicySet = src
                 .parse()
-                .map_err(|e: cedar_policy::ParseErrors| located(file, &src, &e, &e))?;
+                .map_err(|e: cedar_policy::ParseErrors| located(file, src, &e, &e))?;
             if pset.templates().next().is_some() {
                 return Err(format!(
                     "{}: policy templates are not supported",
@@ -122,7 +151,7 @@ impl PolicySnapshot {
             }
             let result = validator.validate(&pset, ValidationMode::Strict);
             if let Some(e) = result.validation_errors().next() {
-                return Err(located(file, &src, e, e));
+                return Err(located(file, src, e, e));
             }
             let stem = file
                 .file_name()
@@ -212,10 +241,21 @@ impl PolicySnapshot {
         let response = self
             .authorizer
             .is_authorized(&request, &self.policies, &entities);
-        for err in response.diagnostics().errors() {
-            tracing::warn!(error = %err, "policy evaluation error");
-        }
+        let errors: Vec<String> = response
+            .diagnostics()
+            .errors()
+            .map(|err| {
+                tracing::warn!(error = %err, "policy evaluation error");
+                let mut text = err.to_string();
+                // Bounded: a log line, not a dump.
+                if let Some((i, _)) = text.char_indices().nth(200) {
+                    text.truncate(i);
+                }
+                text
+            })
+            .collect();
         Ok(Decision {
+            errors,
             allow: response.decision() == cedar_policy::Decision::Allow,
             policies: response
                 .diagnostics()

@@ -300,6 +300,9 @@ fn authorize(
                 d.policies.join(", ")
             };
             println!("policies: {ids}");
+            for e in &d.errors {
+                println!("error: {e}");
+            }
             println!("policy set: {}", d.policy_set);
             if d.allow {
                 ExitCode::SUCCESS

@@ -332,29 +332,71 @@ impl Reply {
     }
 }
 
-async fn exchange<IO>(io: IO, h2: bool, req: Request<Full<Bytes>>) -> Result<Reply, DevError>
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let rsp: Response<Incoming> = if h2 {
-        let (mut tx, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await?;
-        tokio::spawn(conn);
-        tx.send_request(req).await?
-    } else {
-        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
-        tokio::spawn(conn);
-        tx.send_request(req).await?
-    };
-    let (parts, body) = rsp.into_parts();
-    let collected = body.collect().await?;
-    let trailers = collected.trailers().cloned();
-    Ok(Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body: collected.to_bytes(),
-        trailers,
-    })
+/// A client connection that stays open for many requests.
+pub enum Conn {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Conn {
+    /// Opens a connection, over TLS when `tls` is given (HTTP/2 when `h2`).
+    pub async fn open(
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        h2: bool,
+    ) -> Result<Self, DevError> {
+        let tcp = TcpStream::connect(addr).await?;
+        match tls {
+            None => Self::over(tcp, h2).await,
+            Some(cfg) => {
+                let connector = tokio_rustls::TlsConnector::from(cfg);
+                let stream = connector
+                    .connect(ServerName::try_from("localhost")?, tcp)
+                    .await?;
+                Self::over(stream, h2).await
+            }
+        }
+    }
+
+    async fn over<IO>(io: IO, h2: bool) -> Result<Self, DevError>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        Ok(if h2 {
+            let (tx, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                    .await?;
+            tokio::spawn(conn);
+            Self::Http2(tx)
+        } else {
+            let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+            tokio::spawn(conn);
+            Self::Http1(tx)
+        })
+    }
+
+    /// Sends one request and reads the whole response.
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Reply, DevError> {
+        let rsp: Response<Incoming> = match self {
+            Self::Http1(tx) => {
+                tx.ready().await?;
+                tx.send_request(req).await?
+            }
+            Self::Http2(tx) => {
+                tx.ready().await?;
+                tx.send_request(req).await?
+            }
+        };
+        let (parts, body) = rsp.into_parts();
+        let collected = body.collect().await?;
+        let trailers = collected.trailers().cloned();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: collected.to_bytes(),
+            trailers,
+        })
+    }
 }
 
 /// Sends one request on a new connection, over TLS when `tls` is given
@@ -365,17 +407,7 @@ pub async fn send(
     h2: bool,
     req: Request<Full<Bytes>>,
 ) -> Result<Reply, DevError> {
-    let tcp = TcpStream::connect(addr).await?;
-    match tls {
-        None => exchange(tcp, h2, req).await,
-        Some(cfg) => {
-            let connector = tokio_rustls::TlsConnector::from(cfg);
-            let stream = connector
-                .connect(ServerName::try_from("localhost")?, tcp)
-                .await?;
-            exchange(stream, h2, req).await
-        }
-    }
+    Conn::open(addr, tls, h2).await?.send(req).await
 }
 
 /// A request as the upstream saw it.

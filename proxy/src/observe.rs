@@ -66,11 +66,24 @@ impl ObserveLayer {
 
 /// Why the policies denied, for `x-warden-deny-reason` (local development).
 fn deny_reason(trace: &Trace) -> String {
-    match trace.decision.get() {
-        Some(d) if !d.policies.is_empty() => format!("forbidden by {}", d.policies.join(", ")),
-        Some(_) => "no policy permits this request".to_owned(),
-        None => "denied".to_owned(),
+    let Some(d) = trace.decision.get() else {
+        return "denied".to_owned();
+    };
+    let mut reason = if d.policies.is_empty() {
+        "no policy permits this request".to_owned()
+    } else {
+        format!("forbidden by {}", d.policies.join(", "))
+    };
+    if !d.errors.is_empty() {
+        // Only the policy names: the messages are in the decision log.
+        let failed: Vec<&str> = d
+            .errors
+            .iter()
+            .filter_map(|e| e.split('`').nth(1))
+            .collect();
+        reason.push_str(&format!("; failed to evaluate: {}", failed.join(", ")));
     }
+    reason
 }
 
 impl<S> Layer<S> for ObserveLayer {
@@ -228,6 +241,9 @@ impl ObserveLayer {
             "duration_us": u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
         });
         let mut line = line;
+        if let Some(d) = decision.filter(|d| !d.errors.is_empty()) {
+            line["errors"] = serde_json::json!(d.errors);
+        }
         if let Some(sh) = shadow {
             line["shadow"] = serde_json::json!({
                 "decision": if sh.allow { "allow" } else { "deny" },

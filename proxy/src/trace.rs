@@ -43,6 +43,8 @@ pub struct RawTarget {
 pub struct Decision {
     pub allow: bool,
     pub policies: Vec<String>,
+    /// Policies that failed to evaluate (and so did not apply), with why.
+    pub errors: Vec<String>,
     pub policy_set: Arc<str>,
 }
 

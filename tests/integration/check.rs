@@ -184,6 +184,32 @@ fn authorize_prints_the_decision_and_exits_0_or_1() {
 }
 
 #[test]
+fn authorize_prints_evaluation_errors() {
+    let dir = super::harness::policy_dir_with(
+        "overflow.cedar",
+        "@id(\"overflowing\")\npermit (principal, action, resource) when { (context.port + 2) * 9223372036854775807 > 0 };\n",
+    );
+    let cfg = dir.path().join("warden.toml");
+    std::fs::write(&cfg, base(dir.path(), dir.path())).unwrap();
+    let (code, out) = warden(&[
+        "authorize",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--principal",
+        "Warden::Anonymous::\"anonymous\"",
+        "--method",
+        "GET",
+        "--path",
+        "/",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("\nerror: ") && out.contains("overflowing"),
+        "{out}"
+    );
+}
+
+#[test]
 fn authorize_refuses_bad_input_clearly() {
     let cfg = shipped();
     for (args, want) in [

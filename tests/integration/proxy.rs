@@ -860,9 +860,10 @@ async fn audit_mode_forwards_denies_and_logs_them() {
     );
 }
 
-#[tokio::test]
-async fn explain_header_names_the_deciding_policies_when_enabled() {
+/// A proxy with the explain header on, and its answer to an anonymous GET.
+async fn explained(policies: Option<std::path::PathBuf>) -> (Harness, warden::devkit::Reply) {
     let h = Harness::with(Options {
+        policies,
         authz_extra: "explain_header = true".into(),
         ..Options::default()
     })
@@ -871,6 +872,12 @@ async fn explain_header_names_the_deciding_policies_when_enabled() {
         .send(h.request("GET", "/api/orders/42").body(empty()).unwrap())
         .await;
     assert_eq!(rsp.status, StatusCode::FORBIDDEN);
+    (h, rsp)
+}
+
+#[tokio::test]
+async fn explain_header_names_the_deciding_policies_when_enabled() {
+    let (h, rsp) = explained(None).await;
     assert_eq!(
         rsp.headers["x-warden-deny-reason"],
         "no policy permits this request"
@@ -892,6 +899,28 @@ async fn explain_header_names_the_deciding_policies_when_enabled() {
         )
         .await;
     assert!(!rsp.headers.contains_key("x-warden-deny-reason"));
+}
+
+#[tokio::test]
+async fn evaluation_errors_are_explained_and_logged() {
+    // Validates strictly, yet overflows at run time: the policy is skipped.
+    let dir = super::harness::policy_dir_with(
+        "overflow.cedar",
+        "@id(\"overflowing\")\npermit (principal, action, resource) when { (context.port + 2) * 9223372036854775807 > 0 };\n",
+    );
+    let (mut h, rsp) = explained(Some(dir.path().to_owned())).await;
+    assert_eq!(
+        rsp.headers["x-warden-deny-reason"],
+        "no policy permits this request; failed to evaluate: overflowing"
+    );
+    let line = h.next_log();
+    let errors = line["errors"].as_array().expect("errors in the log line");
+    assert!(
+        errors[0].as_str().unwrap().contains("overflowing")
+            && errors[0].as_str().unwrap().contains("overflow"),
+        "{line}"
+    );
+    h.assert_upstream_untouched();
 }
 
 #[tokio::test]
