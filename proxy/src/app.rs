@@ -9,7 +9,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Admin;
 use crate::audit::DecisionLog;
@@ -25,7 +24,7 @@ pub struct Loaded {
     pub authn: Authenticator,
     pub policies: PolicySnapshot,
     pub shadow: Option<PolicySnapshot>,
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<crate::certs::Material>,
 }
 
 /// Loads credentials, key sets, policies and certificates; every error names
@@ -90,7 +89,7 @@ pub fn load(cfg: &Config) -> Result<Loaded, String> {
         .listener
         .tls
         .as_ref()
-        .map(listener::server_config)
+        .map(crate::certs::load)
         .transpose()?;
     let shadow = match (&cfg.authz.shadow_policies, cfg.authz.shadow_schema_path()) {
         (Some(dir), Some(schema)) => Some(
@@ -132,7 +131,7 @@ pub struct App {
     cfg: Config,
     listener: TcpListener,
     admin_listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<listener::TlsSource>,
     shared: Shared,
     admin: Admin,
 }
@@ -149,8 +148,9 @@ impl App {
             .inc();
         let listener = listener::bind(cfg.listener.address).await?;
         let admin_listener = listener::bind(cfg.admin.address).await?;
-        if loaded.tls.is_none() {
-            tracing::warn!("listener is plaintext: for local development only");
+        match &loaded.tls {
+            None => tracing::warn!("listener is plaintext: for local development only"),
+            Some(m) => crate::certs::record(m, &metrics),
         }
         let shared = Shared {
             authn: Arc::new(ArcSwap::from_pointee(loaded.authn)),
@@ -179,7 +179,7 @@ impl App {
         Ok(Self {
             listener,
             admin_listener,
-            tls: loaded.tls.map(TlsAcceptor::from),
+            tls: loaded.tls.map(|m| Arc::new(ArcSwap::new(m.config))),
             shared,
             admin,
             cfg,
@@ -206,6 +206,17 @@ impl App {
             drain_timeout: self.cfg.runtime.drain_timeout,
             max_header_bytes: usize::try_from(self.cfg.runtime.max_header_bytes)
                 .unwrap_or(usize::MAX),
+            max_connections: self.cfg.runtime.max_connections,
+            max_concurrent_streams: self.cfg.runtime.max_concurrent_streams,
+            idle_timeout: self.cfg.runtime.idle_timeout,
+        };
+        let cert_watcher = match (&self.tls, &self.cfg.listener.tls) {
+            (Some(active), Some(tls)) => Some(tokio::spawn(crate::certs::watch(
+                tls.clone(),
+                active.clone(),
+                self.shared.metrics.clone(),
+            ))),
+            _ => None,
         };
         let ready = self.admin.ready.clone();
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -258,8 +269,8 @@ impl App {
         )
         .await;
         reloader.abort();
-        if let Some(r) = shadow_reloader {
-            r.abort();
+        for task in [shadow_reloader, cert_watcher].into_iter().flatten() {
+            task.abort();
         }
         let _ = stop_admin.send(());
         let _ = admin.await;

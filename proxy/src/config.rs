@@ -109,6 +109,21 @@ pub struct TlsConfig {
     pub client_auth: ClientAuth,
     /// SPIFFE trust domains a client certificate may assert (absent = any).
     pub trust_domains: Option<Vec<String>>,
+    /// TLS versions offered: `["1.2", "1.3"]` by default.
+    #[serde(default = "default_tls_versions")]
+    pub versions: Vec<TlsVersion>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+fn default_tls_versions() -> Vec<TlsVersion> {
+    vec![TlsVersion::V1_2, TlsVersion::V1_3]
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -528,6 +543,23 @@ pub struct RuntimeConfig {
     /// Largest request head (request line and headers); beyond it 431.
     #[serde(default = "default_max_header_bytes", deserialize_with = "size")]
     pub max_header_bytes: u64,
+    /// Open connections at most; beyond it new ones are closed on accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    #[serde(default = "default_max_streams")]
+    pub max_concurrent_streams: u32,
+    /// A connection with no request in flight for this long is closed.
+    #[serde(default = "secs::<60>", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+fn default_max_connections() -> usize {
+    16_384
+}
+
+fn default_max_streams() -> u32 {
+    128
 }
 
 fn default_max_header_bytes() -> u64 {
@@ -541,6 +573,9 @@ impl Default for RuntimeConfig {
             drain_timeout: secs::<15>(),
             header_read_timeout: secs::<10>(),
             max_header_bytes: default_max_header_bytes(),
+            max_connections: default_max_connections(),
+            max_concurrent_streams: default_max_streams(),
+            idle_timeout: secs::<60>(),
         }
     }
 }
@@ -705,6 +740,16 @@ impl Config {
 
     /// Refuses what parses but is not supported yet, and inconsistent settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listener.tls.as_ref().is_some_and(|t| t.versions.is_empty()) {
+            return Err(ConfigError::new(
+                "[listener.tls] `versions` must name at least one of \"1.2\" and \"1.3\"",
+            ));
+        }
+        if self.runtime.max_connections == 0 || self.runtime.max_concurrent_streams == 0 {
+            return Err(ConfigError::new(
+                "[runtime] `max_connections` and `max_concurrent_streams` must be at least 1",
+            ));
+        }
         if let Some(sts) = &self.authn.sts {
             check_fetch_url(&sts.endpoint)
                 .map_err(|e| ConfigError::new(format!("[authn.sts] endpoint: {e}")))?;

@@ -11,6 +11,7 @@ pub mod audit;
 pub mod authn;
 pub mod authz;
 pub mod body;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -4,75 +4,23 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::{Service, ServiceExt};
 
 use crate::authn::mtls;
 use crate::body::{self, Body};
-use crate::config::{ClientAuth, TlsConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{HandshakeLabels, Metrics};
 use crate::trace::{ConnInfo, PeerCert, TlsInfo};
-
-fn pem_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate found", path.display()));
-    }
-    Ok(certs)
-}
-
-/// Builds the rustls server config: TLS 1.2/1.3, ALPN h2 + http/1.1, and a
-/// client verifier when `client_ca` is set.
-pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, String> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let certs = pem_certs(&tls.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key)
-        .map_err(|e| format!("{}: {e}", tls.key.display()))?;
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| format!("tls: {e}"))?;
-    let builder = match &tls.client_ca {
-        Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            for cert in pem_certs(ca)? {
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("{}: {e}", ca.display()))?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-            let verifier = match tls.client_auth {
-                ClientAuth::Required => verifier,
-                ClientAuth::Optional => verifier.allow_unauthenticated(),
-            };
-            let verifier = verifier
-                .build()
-                .map_err(|e| format!("{}: {e}", ca.display()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("{}: {e}", tls.cert.display()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
 
 /// Connection-level settings.
 #[derive(Debug, Clone, Copy)]
@@ -80,6 +28,9 @@ pub struct ConnSettings {
     pub header_read_timeout: Duration,
     pub drain_timeout: Duration,
     pub max_header_bytes: usize,
+    pub max_connections: usize,
+    pub max_concurrent_streams: u32,
+    pub idle_timeout: Duration,
 }
 
 struct ActiveGuard(Arc<Metrics>);
@@ -90,11 +41,14 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// The TLS material new handshakes use; swapped when certificates rotate.
+pub type TlsSource = Arc<ArcSwap<rustls::ServerConfig>>;
+
 /// Accepts until `shutdown` resolves, then drains in-flight requests for up to
 /// `drain_timeout`.
 pub async fn serve<S>(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<TlsSource>,
     service: S,
     metrics: Arc<Metrics>,
     settings: ConnSettings,
@@ -106,20 +60,28 @@ pub async fn serve<S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper answers 431 itself when a request head outgrows the buffer.
+    // hyper answers 431 itself when a request head outgrows the buffer. Its
+    // header timer also runs while a kept-alive connection waits for its
+    // next request, so it bounds HTTP/1.1 idleness as well.
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(settings.max_header_bytes.max(8192));
+    // hyper's HTTP/2 server refuses streams past the limit and answers a
+    // burst of client resets (CVE-2023-44487) with GOAWAY.
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(settings.max_concurrent_streams)
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     let local = listener.local_addr().ok();
+    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
+    // Every connection task holds a clone; when all are gone, draining is done.
+    let (alive, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
+    let (drain, draining) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -134,68 +96,175 @@ pub async fn serve<S>(
             },
             () = &mut shutdown => break,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Closing at once is the bounded answer: the client sees a reset
+            // and can retry elsewhere; nothing queues.
+            metrics.connections_refused.inc();
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().or(local).unwrap_or(peer);
         metrics.connections_active.inc();
         let guard = ActiveGuard(metrics.clone());
         let service = service.clone();
         let builder = builder.clone();
-        let tls = tls.clone();
+        let tls = tls.as_ref().map(|t| t.load_full());
         let metrics = metrics.clone();
-        let watcher = graceful.watcher();
+        let alive = alive.clone();
+        let draining = draining.clone();
         tokio::spawn(async move {
-            let _guard = guard;
-            match tls {
-                None => {
-                    let conn = Arc::new(ConnInfo {
-                        peer,
-                        local,
-                        tls: None,
-                    });
-                    let conn = builder.serve_connection_with_upgrades(
-                        TokioIo::new(stream),
-                        hyper_service(service, conn),
-                    );
-                    let _ = watcher.watch(conn).await;
+            let _held = (guard, slot, alive);
+            let Some(config) = tls else {
+                let conn = Arc::new(ConnInfo {
+                    peer,
+                    local,
+                    tls: None,
+                });
+                serve_conn(&builder, stream, service, conn, settings, draining).await;
+                return;
+            };
+            let acceptor = TlsAcceptor::from(config);
+            let handshake =
+                tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream)).await;
+            let stream = match handshake {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    metrics.tls_handshake_errors.inc();
+                    handshake_done(&metrics, "error", "none");
+                    tracing::debug!(%peer, error = %e, "tls handshake failed");
+                    return;
                 }
-                Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(settings.header_read_timeout, acceptor.accept(stream))
-                            .await;
-                    let stream = match handshake {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            metrics.tls_handshake_errors.inc();
-                            tracing::debug!(%peer, error = %e, "tls handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            metrics.tls_handshake_errors.inc();
-                            tracing::debug!(%peer, "tls handshake timed out");
-                            return;
-                        }
-                    };
-                    let tls_info = tls_info(stream.get_ref().1);
-                    let conn = Arc::new(ConnInfo {
-                        peer,
-                        local,
-                        tls: Some(tls_info),
-                    });
-                    let conn = builder.serve_connection_with_upgrades(
-                        TokioIo::new(stream),
-                        hyper_service(service, conn),
-                    );
-                    let _ = watcher.watch(conn).await;
+                Err(_) => {
+                    metrics.tls_handshake_errors.inc();
+                    handshake_done(&metrics, "timeout", "none");
+                    tracing::debug!(%peer, "tls handshake timed out");
+                    return;
                 }
-            }
+            };
+            let tls_info = tls_info(stream.get_ref().1);
+            handshake_done(&metrics, "ok", tls_info.version);
+            metrics.count_peer(match &tls_info.peer {
+                None => "none",
+                Some(PeerCert::Spiffe(id)) => id.trust_domain(),
+                Some(PeerCert::NoSpiffe(_)) => "not_spiffe",
+            });
+            let conn = Arc::new(ConnInfo {
+                peer,
+                local,
+                tls: Some(tls_info),
+            });
+            serve_conn(&builder, stream, service, conn, settings, draining).await;
         });
     }
     drop(listener);
-    if tokio::time::timeout(settings.drain_timeout, graceful.shutdown())
+    let _ = drain.send(true);
+    drop(alive);
+    if tokio::time::timeout(settings.drain_timeout, all_done.recv())
         .await
         .is_err()
     {
         tracing::warn!("drain timeout elapsed with connections still open");
+    }
+}
+
+fn handshake_done(metrics: &Metrics, result: &'static str, version: &'static str) {
+    metrics
+        .tls_handshakes
+        .get_or_create(&HandshakeLabels { result, version })
+        .inc();
+}
+
+/// Serves one connection until it ends, the proxy drains, or it has been
+/// idle (no request in flight) for `idle_timeout`; the last two close it
+/// gracefully: in-flight requests finish, HTTP/2 gets GOAWAY.
+async fn serve_conn<IO, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: IO,
+    service: S,
+    conn: Arc<ConnInfo>,
+    settings: ConnSettings,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let activity = Arc::new(Activity::default());
+    let served = builder.serve_connection_with_upgrades(
+        TokioIo::new(io),
+        hyper_service(service, conn, activity.clone()),
+    );
+    tokio::pin!(served);
+    let mut closing = false;
+    loop {
+        let idle_at = activity.idle_deadline(settings.idle_timeout);
+        tokio::select! {
+            _ = served.as_mut() => return,
+            changed = draining.changed(), if !closing => {
+                if changed.is_err() || *draining.borrow() {
+                    served.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+            () = tokio::time::sleep_until(idle_at), if !closing => {
+                if activity.is_idle(settings.idle_timeout) {
+                    served.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Requests in flight on one connection, and when the last one started or
+/// finished.
+#[derive(Default)]
+struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Milliseconds since `epoch`.
+    last: std::sync::atomic::AtomicU64,
+    epoch: std::sync::OnceLock<tokio::time::Instant>,
+}
+
+impl Activity {
+    fn epoch(&self) -> tokio::time::Instant {
+        *self.epoch.get_or_init(tokio::time::Instant::now)
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_deadline(&self, idle: Duration) -> tokio::time::Instant {
+        self.epoch() + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle
+    }
+
+    fn is_idle(&self, idle: Duration) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && tokio::time::Instant::now() >= self.idle_deadline(idle)
+    }
+}
+
+/// Counts a request in flight until dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.touch();
+        Self(activity)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -218,6 +287,7 @@ fn tls_info(session: &rustls::ServerConnection) -> TlsInfo {
 fn hyper_service<S>(
     service: S,
     conn: Arc<ConnInfo>,
+    activity: Arc<Activity>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<Body>,
@@ -234,7 +304,13 @@ where
     hyper::service::service_fn(move |req: Request<Incoming>| {
         let mut req = req.map(body::boxed);
         req.extensions_mut().insert(conn.clone());
-        service.clone().oneshot(req)
+        let in_flight = InFlight::new(activity.clone());
+        let call = service.clone().oneshot(req);
+        async move {
+            let rsp = call.await;
+            drop(in_flight);
+            rsp
+        }
     })
 }
 

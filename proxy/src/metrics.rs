@@ -56,6 +56,17 @@ pub struct IssuerOnly {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub result: &'static str,
+    pub version: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub trust_domain: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HashLabels {
     pub hash: String,
 }
@@ -78,7 +89,16 @@ pub struct Metrics {
     pub upstream_errors: Family<KindLabels, Counter>,
     pub connections_active: Gauge,
     pub cert_reloads: Family<ResultLabels, Counter>,
+    pub cert_expiry: Gauge,
+    pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    pub tls_peers: Family<PeerLabels, Counter>,
+    /// Distinct trust domains labelled so far (bounded by `MAX_PEER_LABELS`).
+    peer_labels: std::sync::Mutex<std::collections::HashSet<String>>,
+    pub connections_refused: Counter,
 }
+
+/// At most this many distinct `trust_domain` labels; later ones are `other`.
+const MAX_PEER_LABELS: usize = 64;
 
 fn duration_histogram() -> Histogram {
     Histogram::new([
@@ -105,6 +125,11 @@ impl Metrics {
             upstream_errors: Family::default(),
             connections_active: Gauge::default(),
             cert_reloads: Family::default(),
+            cert_expiry: Gauge::default(),
+            tls_handshakes: Family::default(),
+            tls_peers: Family::default(),
+            peer_labels: std::sync::Mutex::default(),
+            connections_refused: Counter::default(),
         };
         registry.register(
             "warden_requests",
@@ -176,7 +201,50 @@ impl Metrics {
             "Certificate reloads, by result",
             m.cert_reloads.clone(),
         );
+        registry.register(
+            "warden_tls_cert_expiry_timestamp_seconds",
+            "When the serving certificate expires (Unix seconds)",
+            m.cert_expiry.clone(),
+        );
+        registry.register(
+            "warden_tls_handshakes",
+            "TLS handshakes, by result (ok, error, timeout) and negotiated version",
+            m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "warden_tls_peers",
+            "Handshakes by the client certificate's SPIFFE trust domain (none, not_spiffe; at most 64 domains, then other)",
+            m.tls_peers.clone(),
+        );
+        registry.register(
+            "warden_connections_refused",
+            "Connections closed on accept because max_connections were open",
+            m.connections_refused.clone(),
+        );
         m
+    }
+
+    /// Counts a handshake's peer by trust domain, with a bounded label set.
+    pub fn count_peer(&self, trust_domain: &str) {
+        let label = {
+            let mut seen = self
+                .peer_labels
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if seen.contains(trust_domain) {
+                trust_domain
+            } else if seen.len() < MAX_PEER_LABELS {
+                seen.insert(trust_domain.to_owned());
+                trust_domain
+            } else {
+                "other"
+            }
+        };
+        self.tls_peers
+            .get_or_create(&PeerLabels {
+                trust_domain: label.to_owned(),
+            })
+            .inc();
     }
 
     /// Records `hash` as the active policy set, loaded at `at`.

@@ -70,52 +70,94 @@ pub async fn watch(
     active: Arc<ArcSwap<PolicySnapshot>>,
     metrics: Arc<Metrics>,
 ) {
-    let (tx, mut rx) = mpsc::channel::<()>(1);
-    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !e.kind.is_access()) {
-            let _ = tx.try_send(());
-        }
-    });
-    let mut watcher = match watcher {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the policy directory; reload with SIGHUP");
-            None
-        }
-    };
-    if let Some(w) = watcher.as_mut() {
-        let mut targets = vec![source.dir.clone()];
-        targets.extend(source.dir.parent().map(PathBuf::from));
-        targets.extend(source.schema.parent().map(PathBuf::from));
-        targets.dedup();
-        for t in targets.iter().filter(|t| t.is_dir()) {
-            if let Err(e) = w.watch(t, RecursiveMode::NonRecursive) {
-                tracing::warn!(path = %t.display(), error = %e, "cannot watch");
+    let mut dirs = vec![source.dir.clone()];
+    dirs.extend(source.dir.parent().map(PathBuf::from));
+    dirs.extend(source.schema.parent().map(PathBuf::from));
+    let mut changes = Changes::new(&dirs, "policies");
+    while changes.next().await {
+        reload_once(&source, &active, &metrics).await;
+    }
+}
+
+/// When to reload: a change in watched directories (settled) or SIGHUP.
+///
+/// Each directory is watched non-recursively, so a Kubernetes ConfigMap or
+/// Secret — files that are symlinks into a `..data` symlink swapped in one
+/// rename — is seen by watching the directory holding the files.
+pub struct Changes {
+    rx: mpsc::Receiver<()>,
+    hup: Option<tokio::signal::unix::Signal>,
+    what: &'static str,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Changes {
+    /// Watches `paths`: directories, and the directories holding files.
+    pub fn new(paths: &[PathBuf], what: &'static str) -> Self {
+        let (tx, rx) = mpsc::channel::<()>(1);
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                let _ = tx.try_send(());
+            }
+        });
+        let mut watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, what, "cannot watch files; reload with SIGHUP");
+                None
+            }
+        };
+        if let Some(w) = watcher.as_mut() {
+            let mut dirs: Vec<PathBuf> = paths
+                .iter()
+                .filter_map(|p| {
+                    if p.is_dir() {
+                        Some(p.clone())
+                    } else {
+                        p.parent().map(PathBuf::from)
+                    }
+                })
+                .map(|d| if d.as_os_str().is_empty() { PathBuf::from(".") } else { d })
+                .collect();
+            dirs.sort();
+            dirs.dedup();
+            for d in dirs.iter().filter(|d| d.is_dir()) {
+                if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
+                    tracing::warn!(path = %d.display(), error = %e, what, "cannot watch");
+                }
             }
         }
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        Self {
+            rx,
+            hup,
+            what,
+            _watcher: watcher,
+        }
     }
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    loop {
+
+    /// Waits for the next reason to reload; `false` once watching has ended.
+    pub async fn next(&mut self) -> bool {
         tokio::select! {
-            got = rx.recv() => {
+            got = self.rx.recv() => {
                 if got.is_none() {
-                    break;
+                    return false;
                 }
                 // Editors and ConfigMap swaps write several files: let the
                 // burst settle, then read once.
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                while rx.try_recv().is_ok() {}
+                while self.rx.try_recv().is_ok() {}
+                true
             }
             Some(()) = async {
-                match hup.as_mut() {
+                match self.hup.as_mut() {
                     Some(h) => h.recv().await,
                     None => std::future::pending().await,
                 }
             } => {
-                tracing::info!("SIGHUP: reloading policies");
+                tracing::info!(what = self.what, "SIGHUP: reloading");
+                true
             }
         }
-        reload_once(&source, &active, &metrics).await;
     }
-    drop(watcher);
 }

@@ -256,7 +256,8 @@ async fn load_policy_swaps_never_decide_with_a_partial_set() {
         }));
     }
     for i in 1..=SWAPS {
-        tokio::time::sleep_until(start + std::time::Duration::from_millis(1_500 * i as u64)).await;
+        // Every 1.4 s, so the last swap lands well before the load ends.
+        tokio::time::sleep_until(start + std::time::Duration::from_millis(1_400 * i as u64)).await;
         projected.swap(&version(i).1);
     }
     let mut wrong = Vec::new();
@@ -290,15 +291,19 @@ async fn load_policy_swaps_never_decide_with_a_partial_set() {
         );
     }
     assert!(sets.len() >= 10, "the swaps took effect: {sets:?}");
-    let metrics = h.metrics().await;
-    let count = |result: &str| -> u64 {
+    let count = |metrics: &str, result: &str| -> u64 {
         let key = format!("warden_policy_reloads_total{{result=\"{result}\"}} ");
         metrics
             .lines()
             .find_map(|l| l.strip_prefix(&key))
             .map_or(0, |v| v.trim().parse().unwrap())
     };
-    // Each of the 15 valid swaps applied; each broken one refused.
-    assert_eq!(count("ok"), 15, "{metrics}");
-    assert!(count("error") >= 5, "{metrics}");
+    // The first load and each of the 15 valid swaps; each broken one refused.
+    eventually("the last swap is applied", || async {
+        count(&h.metrics().await, "ok") >= 16
+    })
+    .await;
+    let metrics = h.metrics().await;
+    assert_eq!(count(&metrics, "ok"), 16, "{metrics}");
+    assert!(count(&metrics, "error") >= 5, "{metrics}");
 }
