@@ -93,8 +93,12 @@ pub fn load(tls: &TlsConfig) -> Result<Material, String> {
 
 /// The leaf's serial and expiry; an expired leaf is refused.
 fn leaf_facts(path: &Path, leaf: &CertificateDer<'_>) -> Result<(String, i64), String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
-        .map_err(|e| format!("{}: the first certificate does not parse: {e}", path.display()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|e| {
+        format!(
+            "{}: the first certificate does not parse: {e}",
+            path.display()
+        )
+    })?;
     let not_after = cert.validity().not_after.timestamp();
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     if not_after <= now {

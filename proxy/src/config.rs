@@ -740,7 +740,12 @@ impl Config {
 
     /// Refuses what parses but is not supported yet, and inconsistent settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.listener.tls.as_ref().is_some_and(|t| t.versions.is_empty()) {
+        if self
+            .listener
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.versions.is_empty())
+        {
             return Err(ConfigError::new(
                 "[listener.tls] `versions` must name at least one of \"1.2\" and \"1.3\"",
             ));

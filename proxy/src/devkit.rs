@@ -358,7 +358,8 @@ impl Conn {
         }
     }
 
-    async fn over<IO>(io: IO, h2: bool) -> Result<Self, DevError>
+    /// Speaks HTTP over an established stream (TLS or not).
+    pub async fn over<IO>(io: IO, h2: bool) -> Result<Self, DevError>
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {

@@ -117,7 +117,13 @@ impl Changes {
                         p.parent().map(PathBuf::from)
                     }
                 })
-                .map(|d| if d.as_os_str().is_empty() { PathBuf::from(".") } else { d })
+                .map(|d| {
+                    if d.as_os_str().is_empty() {
+                        PathBuf::from(".")
+                    } else {
+                        d
+                    }
+                })
                 .collect();
             dirs.sort();
             dirs.dedup();

@@ -402,6 +402,49 @@ impl Drop for Harness {
     }
 }
 
+/// A Kubernetes-projected directory (ConfigMap, Secret): each file is a
+/// symlink into `..data`, itself a symlink to a versioned directory; an update
+/// writes a new version and renames a new `..data` over the old one.
+pub struct Projected {
+    root: std::path::PathBuf,
+    version: usize,
+}
+
+impl Projected {
+    pub fn new(root: &std::path::Path, files: &[(&str, String)]) -> Self {
+        let mut p = Self {
+            root: root.to_owned(),
+            version: 0,
+        };
+        p.write_version(files);
+        std::os::unix::fs::symlink("..v0", root.join("..data")).unwrap();
+        for (name, _) in files {
+            std::os::unix::fs::symlink(format!("..data/{name}"), root.join(name)).unwrap();
+        }
+        p
+    }
+
+    fn write_version(&mut self, files: &[(&str, String)]) -> std::path::PathBuf {
+        let dir = self.root.join(format!("..v{}", self.version));
+        std::fs::create_dir(&dir).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        dir
+    }
+
+    /// Swaps in a new version atomically and removes the old one.
+    pub fn swap(&mut self, files: &[(&str, String)]) {
+        let old = self.root.join(format!("..v{}", self.version));
+        self.version += 1;
+        self.write_version(files);
+        let tmp = self.root.join("..data_tmp");
+        std::os::unix::fs::symlink(format!("..v{}", self.version), &tmp).unwrap();
+        std::fs::rename(&tmp, self.root.join("..data")).unwrap();
+        std::fs::remove_dir_all(old).unwrap();
+    }
+}
+
 /// Polls `check` until it holds or 10 s pass.
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
 where

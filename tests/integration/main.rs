@@ -11,5 +11,6 @@ mod parity;
 mod paths;
 mod proxy;
 mod reload;
+mod rotation;
 mod vectors;
 mod websocket;

@@ -84,49 +84,6 @@ async fn a_new_set_applies_and_a_broken_one_is_refused() {
     .await;
 }
 
-/// A Kubernetes-projected directory (ConfigMap, Secret): each file is a
-/// symlink into `..data`, itself a symlink to a versioned directory; an update
-/// writes a new version and renames a new `..data` over the old one.
-struct Projected {
-    root: std::path::PathBuf,
-    version: usize,
-}
-
-impl Projected {
-    fn new(root: &std::path::Path, files: &[(&str, String)]) -> Self {
-        let mut p = Self {
-            root: root.to_owned(),
-            version: 0,
-        };
-        p.write_version(files);
-        std::os::unix::fs::symlink("..v0", root.join("..data")).unwrap();
-        for (name, _) in files {
-            std::os::unix::fs::symlink(format!("..data/{name}"), root.join(name)).unwrap();
-        }
-        p
-    }
-
-    fn write_version(&mut self, files: &[(&str, String)]) -> std::path::PathBuf {
-        let dir = self.root.join(format!("..v{}", self.version));
-        std::fs::create_dir(&dir).unwrap();
-        for (name, text) in files {
-            std::fs::write(dir.join(name), text).unwrap();
-        }
-        dir
-    }
-
-    /// Swaps in a new version atomically and removes the old one.
-    fn swap(&mut self, files: &[(&str, String)]) {
-        let old = self.root.join(format!("..v{}", self.version));
-        self.version += 1;
-        self.write_version(files);
-        let tmp = self.root.join("..data_tmp");
-        std::os::unix::fs::symlink(format!("..v{}", self.version), &tmp).unwrap();
-        std::fs::rename(&tmp, self.root.join("..data")).unwrap();
-        std::fs::remove_dir_all(old).unwrap();
-    }
-}
-
 /// Version `i` of the policy set: valid ones allow GET under `/api/allowed/`
 /// and never `/api/denied/`; every fourth is broken in a different way.
 fn version(i: usize) -> (bool, Vec<(&'static str, String)>) {
@@ -179,7 +136,7 @@ async fn load_policy_swaps_never_decide_with_a_partial_set() {
     use warden::config::{AuthzMode, ServiceConfig};
 
     let dir = tempfile::tempdir().unwrap();
-    let mut projected = Projected::new(dir.path(), &version(0).1);
+    let mut projected = super::harness::Projected::new(dir.path(), &version(0).1);
     // The hash of every valid version, computed the way warden computes it.
     let mut valid = HashSet::new();
     for i in 0..=SWAPS {
