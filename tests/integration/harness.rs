@@ -1,9 +1,10 @@
 //! Builds warden in-process on `127.0.0.1:0` in front of an echo upstream,
 //! with a throwaway CA, token issuer and access key, and the shipped policies.
 
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -103,7 +104,6 @@ pub struct Harness {
     pub issuer: TokenIssuer,
     tls: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
 
@@ -227,7 +227,7 @@ policies = "{policies}"
         let addr = app.proxy_addr().unwrap();
         let admin = app.admin_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(app.run(async {
+        tokio::spawn(app.run(async {
             let _ = stopped.await;
         }));
         Self {
@@ -240,7 +240,6 @@ policies = "{policies}"
             issuer,
             tls: opts.tls,
             stop: Some(stop),
-            task: Some(task),
             _dir: dir,
         }
     }
@@ -356,20 +355,6 @@ policies = "{policies}"
         serde_json::from_str(&line).unwrap()
     }
 
-    /// Starts a graceful shutdown, as SIGTERM does.
-    pub fn begin_shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-
-    /// Waits for the proxy to finish draining and stop.
-    pub async fn stopped(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.await.unwrap();
-        }
-    }
-
     /// GETs an admin path; returns status and body.
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
         let req = Request::get(path)
@@ -442,6 +427,79 @@ impl Projected {
         std::os::unix::fs::symlink(format!("..v{}", self.version), &tmp).unwrap();
         std::fs::rename(&tmp, self.root.join("..data")).unwrap();
         std::fs::remove_dir_all(old).unwrap();
+    }
+}
+
+/// `warden run` as a child process; stderr lines are kept.
+pub struct Proxy {
+    pub child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proxy {
+    pub fn start(config: &std::path::Path) -> Self {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_warden"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lines = stderr.clone();
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                if v["fields"]["message"] == "warden listening" {
+                    let _ = tx.send(v["fields"].clone());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let fields = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("warden did not start");
+        Self {
+            child,
+            addr: fields["proxy"].as_str().unwrap().parse().unwrap(),
+            admin: fields["admin"].as_str().unwrap().parse().unwrap(),
+            stderr,
+        }
+    }
+
+    /// The value of the metric line starting with `line_prefix` (0 if absent).
+    pub async fn metric(&self, line_prefix: &str) -> u64 {
+        let req = http::Request::get("/metrics")
+            .header("host", "admin")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let text = devkit::send(self.admin, None, false, req)
+            .await
+            .unwrap()
+            .text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(line_prefix))
+            .map_or(0, |v| v.trim().parse().unwrap_or(0))
+    }
+
+    /// Whether warden logged a line containing `needle`.
+    pub fn logged(&self, needle: &str) -> bool {
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -5,6 +5,7 @@ mod drain;
 mod gateway;
 mod grpc;
 mod harness;
+mod hostile;
 mod jwt;
 mod lattice;
 mod parity;

@@ -5,8 +5,7 @@
 //! certificate (by serial), kept-alive connections are untouched, and the
 //! broken bundle is refused with a log line and a metric.
 
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -15,80 +14,9 @@ use http_body_util::Full;
 use rustls::pki_types::ServerName;
 use warden::devkit::{self, CertPair, Conn, DevCa};
 
-use super::harness::{eventually, policies_dir, Projected};
+use super::harness::{eventually, policies_dir, Projected, Proxy};
 
 const SPIFFE: &str = "spiffe://example.org/ns/shop/sa/web";
-
-/// `warden run` as a child process; stderr lines are kept.
-struct Proxy {
-    child: Child,
-    addr: std::net::SocketAddr,
-    admin: std::net::SocketAddr,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proxy {
-    fn start(config: &std::path::Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_warden"))
-            .args(["run", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let lines = stderr.clone();
-        let pipe = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
-                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-                if v["fields"]["message"] == "warden listening" {
-                    let _ = tx.send(v["fields"].clone());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
-        let fields = rx
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .expect("warden did not start");
-        Self {
-            child,
-            addr: fields["proxy"].as_str().unwrap().parse().unwrap(),
-            admin: fields["admin"].as_str().unwrap().parse().unwrap(),
-            stderr,
-        }
-    }
-
-    async fn metric(&self, line_prefix: &str) -> u64 {
-        let req = http::Request::get("/metrics")
-            .header("host", "admin")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let text = devkit::send(self.admin, None, false, req)
-            .await
-            .unwrap()
-            .text();
-        text.lines()
-            .find_map(|l| l.strip_prefix(line_prefix))
-            .map_or(0, |v| v.trim().parse().unwrap_or(0))
-    }
-
-    fn logged(&self, needle: &str) -> bool {
-        self.stderr
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(needle))
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn serial_of_der(der: &[u8]) -> String {
     let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();

@@ -1,0 +1,163 @@
+//! Hostile clients: a slowloris trickling its request head, and an HTTP/2
+//! rapid-reset burst (CVE-2023-44487) beside a well-behaved client.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use warden::devkit::Conn;
+
+use super::harness::{Harness, Options};
+
+#[tokio::test]
+async fn a_head_sent_one_byte_per_second_is_cut_off_at_the_header_timeout() {
+    let mut h = Harness::with(Options {
+        tls: false,
+        extra_toml: "[runtime]\nheader_read_timeout = \"3s\"\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let head = format!("GET /public/x HTTP/1.1\r\nHost: {}\r\n\r\n", h.host());
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut sent = 0;
+    let mut buf = [0u8; 1024];
+    let closed_after = loop {
+        if sent < head.len() {
+            // A write to a connection the server has closed may fail: that is
+            // the cut-off too.
+            if s.write_all(&head.as_bytes()[sent..=sent]).await.is_err() {
+                break sent;
+            }
+            sent += 1;
+        }
+        // Wait a second for the next byte, watching for the server to close.
+        match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break sent,
+            Ok(Ok(n)) => {
+                let text = String::from_utf8_lossy(&buf[..n]);
+                assert!(
+                    !text.starts_with("HTTP/1.1 200"),
+                    "the slow request was served"
+                );
+            }
+            Err(_) => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "never cut off");
+    };
+    eprintln!("cut off after {closed_after} bytes");
+    assert!(
+        closed_after < head.len(),
+        "cut off only after the whole head ({closed_after} of {} bytes)",
+        head.len()
+    );
+    h.assert_upstream_untouched();
+    // Others are served meanwhile and after.
+    let rsp = h
+        .send(
+            h.request("GET", "/public/x")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(rsp.status, http::StatusCode::OK);
+}
+
+/// An HTTP/2 frame: 9-byte header, then the payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A GET for `path` as an HPACK block, without Huffman coding or indexing.
+fn get_headers(host: &str, path: &str) -> Vec<u8> {
+    // :method GET, :scheme http (static table entries 2 and 6).
+    let mut block = vec![0x82, 0x86];
+    // :path and :authority as literals naming static entries 4 and 1.
+    for (index, value) in [(0x04u8, path), (0x01, host)] {
+        block.push(index);
+        block.push(u8::try_from(value.len()).unwrap());
+        block.extend_from_slice(value.as_bytes());
+    }
+    block
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_rapid_reset_burst_is_cut_off_and_does_not_starve_others() {
+    const BURST: u32 = 10_000;
+    let mut h = Harness::with(Options {
+        tls: false,
+        ..Options::default()
+    })
+    .await;
+    let host = h.host();
+
+    // The attacker: prior-knowledge HTTP/2, then HEADERS + RST_STREAM pairs.
+    let mut attack = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    let block = get_headers(&host, "/public/x");
+    for i in 0..BURST {
+        let stream = 2 * i + 1;
+        out.extend(frame(0x1, 0x5, stream, &block));
+        out.extend(frame(0x3, 0, stream, &8u32.to_be_bytes()));
+    }
+    let (mut rd, mut wr) = attack.split();
+    let write = async {
+        // The server may close before the burst is written: fine.
+        let _ = wr.write_all(&out).await;
+    };
+    // Read until the server ends the connection, noting its GOAWAY.
+    let read = async {
+        let mut seen = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut seen)).await;
+        seen
+    };
+    // Meanwhile a well-behaved HTTP/2 client is served.
+    let honest = async {
+        let mut conn = Conn::open(h.addr, None, true).await.unwrap();
+        for _ in 0..50 {
+            let req = http::Request::get(format!("http://{host}/public/x"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let rsp = conn.send(req).await.expect("the honest client was refused");
+            assert_eq!(rsp.status, http::StatusCode::OK);
+        }
+    };
+    let ((), seen, ()) = tokio::join!(write, read, honest);
+
+    // Walk the frames the server sent to the attacker: a GOAWAY must be
+    // among them (ENHANCE_YOUR_CALM, 0xb, is what hyper sends).
+    let mut goaway = None;
+    let mut at = 0;
+    while at + 9 <= seen.len() {
+        let len = usize::from(seen[at]) << 16
+            | usize::from(seen[at + 1]) << 8
+            | usize::from(seen[at + 2]);
+        if seen[at + 3] == 0x7 && at + 9 + 8 <= seen.len() {
+            let p = &seen[at + 9..];
+            goaway = Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+        }
+        at += 9 + len;
+    }
+    assert_eq!(
+        goaway,
+        Some(0xb),
+        "no GOAWAY(ENHANCE_YOUR_CALM) for the attacker"
+    );
+    // Few of the reset streams reached the upstream; the honest 50 did.
+    let mut forwarded = 0;
+    while h.seen.try_recv().is_ok() {
+        forwarded += 1;
+    }
+    eprintln!("forwarded {forwarded} requests, GOAWAY {goaway:?}");
+    assert!(forwarded >= 50, "{forwarded}");
+    assert!(
+        forwarded < 50 + BURST as usize / 10,
+        "{forwarded} requests of the burst were forwarded"
+    );
+}
