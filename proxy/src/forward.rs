@@ -190,6 +190,10 @@ impl Service<Request<Body>> for Forward {
         let version = self.version;
         let timeout = self.request_timeout;
         let metrics = self.metrics.clone();
+        // The client's protocol, not the upstream's, frames the answer (an
+        // HTTP/1.0 upstream must not turn a kept-alive HTTP/1.1 client into
+        // a closing HTTP/1.0 one).
+        let downstream = req.version();
         Box::pin(async move {
             let Some(client) = client else {
                 return Err(ProxyError::NoRoute);
@@ -269,10 +273,12 @@ impl Service<Request<Body>> for Forward {
                                 Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
                             }
                         });
-                        let (parts, body) = rsp.into_parts();
+                        let (mut parts, body) = rsp.into_parts();
+                        parts.version = downstream;
                         return Ok(Response::from_parts(parts, body::boxed(body)));
                     }
                     let (mut parts, body) = rsp.into_parts();
+                    parts.version = downstream;
                     crate::identity::remove_hop_by_hop(&mut parts.headers);
                     Ok(Response::from_parts(parts, body::boxed(body)))
                 }

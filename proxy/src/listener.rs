@@ -314,9 +314,22 @@ where
     })
 }
 
+/// Pending connections the kernel may queue for `accept` (capped by
+/// `net.core.somaxconn`): a burst of new clients waits here instead of having
+/// its SYNs dropped and retried a second later.
+const BACKLOG: u32 = 4096;
+
 /// Binds a listener, naming the address on failure.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("bind {addr}: {e}"))
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(BACKLOG)
+    };
+    bind().map_err(|e| format!("bind {addr}: {e}"))
 }

@@ -55,6 +55,19 @@ def make_pki(d: Path):
                 "-extfile", f"{name}.ext", cwd=d)
 
 
+def openssl_client_cert(d: Path, name: str, ext: str):
+    """A client certificate signed by the openssl CA with extensions `ext`
+    (openssl x509 -extfile syntax)."""
+    ec_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    (d / f"{name}.ext").write_text(ext)
+    openssl("req", *ec_key, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}", cwd=d)
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
+            "-extfile", f"{name}.ext", cwd=d)
+    return d / f"{name}.pem", d / f"{name}.key"
+
+
 def make_keys(d: Path):
     """An RSA and an EC signing key (cryptography) and their JWKS."""
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -204,8 +217,10 @@ class MotoSts:
 
 class Warden:
     def __init__(self, d: Path, upstream_port: int, keys_port: int, sts_port: int,
-                 client_auth: str = "optional"):
-        cfg = d / f"warden-{client_auth}.toml"
+                 client_auth: str = "optional", name: str = "", tls_extra: str = "",
+                 protocol: str = "http1", policies: Path = REPO / "policies",
+                 extra: str = "", preexec_fn=None):
+        cfg = d / f"warden-{client_auth}{name}.toml"
         cfg.write_text(f"""
 [listener]
 address = "127.0.0.1:0"
@@ -214,9 +229,11 @@ cert = "server.pem"
 key = "server.key"
 client_ca = "ca.pem"
 client_auth = "{client_auth}"
+{tls_extra}
 
 [upstream]
 address = "127.0.0.1:{upstream_port}"
+protocol = "{protocol}"
 
 [admin]
 address = "127.0.0.1:0"
@@ -263,7 +280,9 @@ principal = "spiffe"
 trust_domains = ["example.org"]
 
 [authz]
-policies = "{REPO / 'policies'}"
+policies = "{policies}"
+
+{extra}
 """)
         (d / "credentials.toml").write_text(f"""
 [[credential]]
@@ -273,7 +292,8 @@ principal = "arn:aws:iam::123456789012:role/order-service-role"
 """)
         binary = os.environ.get("WARDEN_BIN", str(REPO / "target/debug/warden"))
         self.proc = subprocess.Popen([binary, "run", "--config", str(cfg)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=preexec_fn)
         self.decisions = queue.Queue()
         self.stderr = queue.Queue()
         threading.Thread(target=self._pump, args=(self.proc.stdout, self.decisions), daemon=True).start()

@@ -24,6 +24,9 @@ impl SpiffeId {
             return Err("spiffe id longer than 2048 bytes");
         }
         let rest = s.strip_prefix("spiffe://").ok_or("not a spiffe:// uri")?;
+        if rest.contains(['?', '#']) {
+            return Err("spiffe id has a query or fragment");
+        }
         let (td, path) = match rest.find('/') {
             Some(i) => rest.split_at(i),
             None => (rest, ""),
