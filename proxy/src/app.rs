@@ -163,6 +163,7 @@ impl App {
             identity: cfg.identity.headers,
             upstream: cfg.upstream.clone(),
             routes: cfg.route.clone(),
+            max_requests: cfg.runtime.max_requests,
         };
         spawn_refreshers(&shared.authn.load(), &shared.metrics)?;
         {

@@ -549,6 +549,9 @@ pub struct RuntimeConfig {
     /// HTTP/2 streams one connection may have open at once.
     #[serde(default = "default_max_streams")]
     pub max_concurrent_streams: u32,
+    /// Requests in flight at most; past it 503 `overloaded`.
+    #[serde(default = "default_max_requests")]
+    pub max_requests: usize,
     /// A connection with no request in flight for this long is closed.
     #[serde(default = "secs::<60>", deserialize_with = "duration")]
     pub idle_timeout: Duration,
@@ -556,6 +559,10 @@ pub struct RuntimeConfig {
 
 fn default_max_connections() -> usize {
     16_384
+}
+
+fn default_max_requests() -> usize {
+    1024
 }
 
 fn default_max_streams() -> u32 {
@@ -575,6 +582,7 @@ impl Default for RuntimeConfig {
             max_header_bytes: default_max_header_bytes(),
             max_connections: default_max_connections(),
             max_concurrent_streams: default_max_streams(),
+            max_requests: default_max_requests(),
             idle_timeout: secs::<60>(),
         }
     }
@@ -750,9 +758,12 @@ impl Config {
                 "[listener.tls] `versions` must name at least one of \"1.2\" and \"1.3\"",
             ));
         }
-        if self.runtime.max_connections == 0 || self.runtime.max_concurrent_streams == 0 {
+        if self.runtime.max_connections == 0
+            || self.runtime.max_concurrent_streams == 0
+            || self.runtime.max_requests == 0
+        {
             return Err(ConfigError::new(
-                "[runtime] `max_connections` and `max_concurrent_streams` must be at least 1",
+                "[runtime] `max_connections`, `max_concurrent_streams` and `max_requests` must be at least 1",
             ));
         }
         if let Some(sts) = &self.authn.sts {

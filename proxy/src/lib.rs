@@ -27,6 +27,7 @@ pub mod observe;
 pub mod pipeline;
 pub mod reload;
 pub mod route;
+pub mod shed;
 pub mod strip;
 pub mod tools;
 pub mod trace;

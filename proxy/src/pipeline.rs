@@ -34,6 +34,8 @@ pub struct Shared {
     pub identity: IdentityHeaders,
     pub upstream: UpstreamConfig,
     pub routes: Vec<crate::config::RouteConfig>,
+    /// Requests in the pipeline at once, at most.
+    pub max_requests: usize,
 }
 
 /// Builds the request stack, in request order.
@@ -51,6 +53,8 @@ pub fn build(
             shared.mode,
             shared.explain,
         ))
+        // 503 overloaded past runtime.max_requests in flight, never an unbounded queue
+        .layer(crate::shed::ShedLayer::new(shared.max_requests))
         // 400 for malformed paths, CONNECT, h2c and non-websocket upgrades; normalize the path
         .layer(NormalizeLayer)
         // drop client-sent identity and forwarding headers before anything reads them

@@ -17,7 +17,7 @@ use super::harness::{policies_dir, Proxy};
 
 /// An upstream that holds every response until `release` turns true, and
 /// reports each request it holds.
-async fn held_upstream() -> (
+pub async fn held_upstream() -> (
     std::net::SocketAddr,
     mpsc::UnboundedReceiver<()>,
     watch::Sender<bool>,

@@ -161,3 +161,93 @@ async fn an_http2_rapid_reset_burst_is_cut_off_and_does_not_starve_others() {
         "{forwarded} requests of the burst were forwarded"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_requests_in_flight_the_answer_is_503_not_a_queue() {
+    let (upstream, mut arrivals, release) = super::drain::held_upstream().await;
+    let h = Harness::with(Options {
+        tls: false,
+        upstream: Some(upstream),
+        extra_toml: "[runtime]\nmax_requests = 5\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let get = |path: &str| {
+        h.request("GET", path)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let mut held = Vec::new();
+    for i in 0..5 {
+        held.push(tokio::spawn(warden::devkit::send(
+            h.addr,
+            None,
+            false,
+            get(&format!("/public/held/{i}")),
+        )));
+    }
+    for _ in 0..5 {
+        arrivals.recv().await.unwrap();
+    }
+    let rsp = h.send(get("/public/one-too-many")).await;
+    assert_eq!(rsp.status, http::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(rsp.headers["retry-after"], "1");
+    let body: serde_json::Value = serde_json::from_slice(&rsp.body).unwrap();
+    assert_eq!(body["reason"], "overloaded", "{body}");
+    release.send(true).unwrap();
+    for r in held {
+        assert_eq!(r.await.unwrap().unwrap().status, http::StatusCode::OK);
+    }
+    // The slots are given back.
+    assert_eq!(
+        h.send(get("/public/after")).await.status,
+        http::StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_idle_timeout() {
+    let h = Harness::with(Options {
+        tls: false,
+        extra_toml: "[runtime]\nidle_timeout = \"1s\"\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let Conn::Http2(mut tx) = Conn::open(h.addr, None, true).await.unwrap() else {
+        unreachable!("an HTTP/2 connection")
+    };
+    let req = http::Request::get(format!("http://{}/public/x", h.host()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(tx.send_request(req).await.unwrap().status(), 200);
+    super::harness::eventually("the idle connection is closed", || {
+        let closed = tx.is_closed();
+        async move { closed }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pipelined_http1_requests_are_answered_in_order() {
+    let h = Harness::with(Options {
+        tls: false,
+        ..Options::default()
+    })
+    .await;
+    let host = h.host();
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let two = format!(
+        "GET /public/one HTTP/1.1\r\nHost: {host}\r\n\r\nGET /public/two HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(two.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let one = text.find("/public/one").expect("first answer");
+    let two = text.find("/public/two").expect("second answer");
+    assert!(one < two, "{text}");
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 2, "{text}");
+}

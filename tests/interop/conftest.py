@@ -219,14 +219,15 @@ class Warden:
     def __init__(self, d: Path, upstream_port: int, keys_port: int, sts_port: int,
                  client_auth: str = "optional", name: str = "", tls_extra: str = "",
                  protocol: str = "http1", policies: Path = REPO / "policies",
-                 extra: str = "", preexec_fn=None):
+                 extra: str = "", preexec_fn=None, cert: str = "server.pem",
+                 key: str = "server.key"):
         cfg = d / f"warden-{client_auth}{name}.toml"
         cfg.write_text(f"""
 [listener]
 address = "127.0.0.1:0"
 [listener.tls]
-cert = "server.pem"
-key = "server.key"
+cert = "{cert}"
+key = "{key}"
 client_ca = "ca.pem"
 client_auth = "{client_auth}"
 {tls_extra}

@@ -14,7 +14,7 @@ from concurrent import futures
 
 import pytest
 
-from conftest import REPO, SPIFFE_ID, Warden, openssl_client_cert
+from conftest import REPO, SPIFFE_ID, Warden, openssl, openssl_client_cert
 
 
 def s_client(port, *args, stdin=b""):
@@ -315,4 +315,37 @@ def test_connections_past_max_connections_are_refused_cleanly(env):
     finally:
         for s in socks:
             s.close()
+        assert w.stop() == 0
+
+
+def test_rsa_server_key_with_an_intermediate_in_the_chain(env):
+    """openssl: an intermediate CA under the interop root signs an RSA-2048
+    server certificate; warden serves leaf + intermediate, and clients that
+    trust only the root verify it."""
+    d = env.dir
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "inter.key", "-out", "inter.csr",
+            "-subj", "/CN=interop-intermediate", cwd=d)
+    (d / "inter.ext").write_text("basicConstraints=critical,CA:TRUE,pathlen:0\n"
+                                 "keyUsage=critical,keyCertSign,cRLSign\n")
+    openssl("x509", "-req", "-in", "inter.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "inter.pem", "-days", "2", "-extfile", "inter.ext", cwd=d)
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "rsa-server.key",
+            "-out", "rsa-server.csr", "-subj", "/CN=rsa-server", cwd=d)
+    (d / "rsa-server.ext").write_text("subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n"
+                                      "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n")
+    openssl("x509", "-req", "-in", "rsa-server.csr", "-CA", "inter.pem", "-CAkey", "inter.key",
+            "-CAcreateserial", "-out", "rsa-leaf.pem", "-days", "2", "-extfile", "rsa-server.ext", cwd=d)
+    (d / "rsa-chain.pem").write_text((d / "rsa-leaf.pem").read_text() + (d / "inter.pem").read_text())
+    w = Warden(d, env.upstream.port, env.key_server.port, env.sts.port, name="-rsa",
+               cert="rsa-chain.pem", key="rsa-server.key")
+    try:
+        for flag in ("-tls1_2", "-tls1_3"):
+            code, out = s_client(w.port, flag, "-CAfile", str(d / "ca.pem"),
+                                 "-cert", str(d / "client.pem"), "-key", str(d / "client.key"),
+                                 stdin=request_bytes())
+            assert "Verification: OK" in out and "HTTP/1.1 200" in out, out
+            assert "Signature type: RSA" in out, out
+        code, body, err = curl_with(env, w.port, d / "client.pem", d / "client.key")
+        assert code == "200", (code, body, err)
+    finally:
         assert w.stop() == 0
