@@ -28,6 +28,9 @@ use warden::trace::{ConnInfo, PeerCert, TlsInfo};
 
 const ISSUER: &str = "https://oidc.bench.example/id/X";
 
+/// (name, path, extra headers).
+type Case = (&'static str, &'static str, Vec<(String, String)>);
+
 async fn upstream() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -136,7 +139,7 @@ fn pipeline(c: &mut Criterion) {
         req
     };
     // Each allowed by the shipped policies.
-    let cases: [(&str, &str, Vec<(String, String)>); 3] = [
+    let cases: [Case; 3] = [
         ("mtls", "/api/orders/1", Vec::new()),
         (
             "jwt",
