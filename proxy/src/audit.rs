@@ -11,17 +11,27 @@ use std::sync::Arc;
 
 const QUEUE: usize = 8192;
 
+/// How long the writer thread lets lines gather after writing a batch. While
+/// it waits, senders find no parked receiver to wake, so under load the
+/// request path pays no thread wake-up per line.
+const BATCH: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Where decision-log lines go.
 #[derive(Debug, Clone)]
 pub struct DecisionLog {
     tx: Option<SyncSender<String>>,
     dropped: Arc<AtomicU64>,
+    /// Lines queued, and lines the stdout writer has written (None: no writer).
+    sent: Arc<AtomicU64>,
+    written: Option<Arc<AtomicU64>>,
 }
 
 impl DecisionLog {
     /// Writes to stdout from a background thread.
     pub fn stdout() -> Self {
         let (tx, rx) = sync_channel::<String>(QUEUE);
+        let written = Arc::new(AtomicU64::new(0));
+        let count = written.clone();
         let spawned = std::thread::Builder::new()
             .name("decision-log".into())
             .spawn(move || {
@@ -29,19 +39,39 @@ impl DecisionLog {
                 while let Ok(line) = rx.recv() {
                     let mut out = stdout.lock();
                     let _ = writeln!(out, "{line}");
+                    let mut n = 1;
                     // Drain what is queued before flushing once.
                     while let Ok(line) = rx.try_recv() {
                         let _ = writeln!(out, "{line}");
+                        n += 1;
                     }
                     let _ = out.flush();
+                    drop(out);
+                    count.fetch_add(n, Ordering::Release);
+                    std::thread::sleep(BATCH);
                 }
             });
         match spawned {
             Ok(_) => Self {
                 tx: Some(tx),
                 dropped: Arc::default(),
+                sent: Arc::default(),
+                written: Some(written),
             },
             Err(_) => Self::disabled(),
+        }
+    }
+
+    /// Waits (up to a second) until every line queued so far is written:
+    /// called once at exit so the last requests' lines are not lost.
+    pub fn flush(&self) {
+        let Some(written) = &self.written else {
+            return;
+        };
+        let target = self.sent.load(Ordering::Acquire);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while written.load(Ordering::Acquire) < target && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
     }
 
@@ -52,6 +82,8 @@ impl DecisionLog {
             Self {
                 tx: Some(tx),
                 dropped: Arc::default(),
+                sent: Arc::default(),
+                written: None,
             },
             rx,
         )
@@ -61,13 +93,21 @@ impl DecisionLog {
         Self {
             tx: None,
             dropped: Arc::default(),
+            sent: Arc::default(),
+            written: None,
         }
     }
 
     pub fn write(&self, line: String) {
         if let Some(tx) = &self.tx {
-            if let Err(TrySendError::Full(_)) = tx.try_send(line) {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+            match tx.try_send(line) {
+                Ok(()) => {
+                    self.sent.fetch_add(1, Ordering::Release);
+                }
+                Err(TrySendError::Full(_)) => {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(TrySendError::Disconnected(_)) => {}
             }
         }
     }

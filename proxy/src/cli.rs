@@ -451,7 +451,8 @@ fn sts_token(
 }
 
 async fn run(cfg: Config) -> ExitCode {
-    let app = match crate::app::App::bind(cfg, crate::audit::DecisionLog::stdout()).await {
+    let log = crate::audit::DecisionLog::stdout();
+    let app = match crate::app::App::bind(cfg, log.clone()).await {
         Ok(app) => app,
         Err(e) => {
             eprintln!("error: {e}");
@@ -465,6 +466,7 @@ async fn run(cfg: Config) -> ExitCode {
         "warden listening"
     );
     app.run(shutdown_signal()).await;
+    tokio::task::block_in_place(|| log.flush());
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
