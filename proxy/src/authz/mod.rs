@@ -5,21 +5,23 @@
 //! and context are built. Default deny; `forbid` wins. Every policy is named
 //! by its `@id` (else `<file>:<index>`).
 
+mod request;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
 use arc_swap::ArcSwap;
-use cedar_policy::{
-    Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
-    PolicySet, Request as CedarRequest, RestrictedExpression, Schema, ValidationMode, Validator,
-};
+use cedar_policy::{PolicyId, PolicySet, Schema, ValidationMode, Validator};
+use cedar_policy_core::ast;
+use cedar_policy_core::authorizer::{AuthorizationError, Authorizer};
+use cedar_policy_core::extensions::Extensions;
 use http::{HeaderMap, Request, Response};
 use miette::Diagnostic;
 use tower::{Layer, Service};
 
-use crate::authn::{Identity, Principal};
+use crate::authn::Identity;
 use crate::body::Body;
 use crate::config::{AuthzMode, ServiceConfig};
 use crate::error::ProxyError;
@@ -47,25 +49,21 @@ fn located(file: &Path, src: &str, d: &dyn Diagnostic, msg: impl std::fmt::Displ
     }
 }
 
-fn uid(ty: &str, id: &str) -> Result<EntityUid, String> {
-    let ty: EntityTypeName = ty.parse().map_err(|e| format!("entity type `{ty}`: {e}"))?;
-    Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
-}
-
 /// The parsed, validated policy set and everything a decision needs.
 pub struct PolicySnapshot {
     schema: Schema,
     policies: PolicySet,
-    /// Method -> its action entity (member of `Action::"invoke"`).
-    actions: HashMap<String, Entity>,
-    invoke: Option<Entity>,
+    /// Method -> its action entity and the `Action::"invoke"` group it is in.
+    actions: HashMap<String, Vec<Arc<ast::Entity>>>,
+    names: request::Names,
+    reads: request::Reads,
+    service_entity: Arc<ast::Entity>,
     authorizer: Authorizer,
     /// Hash of the active set, for the decision log.
     pub hash: Arc<str>,
     /// When this set was loaded.
     pub loaded_at: std::time::SystemTime,
     pub mode: AuthzMode,
-    service: String,
     service_arn: Option<String>,
     network_arn: Option<String>,
 }
@@ -176,26 +174,32 @@ impl PolicySnapshot {
         let action_entities = schema
             .action_entities()
             .map_err(|e| format!("{}: {e}", schema_path.display()))?;
+        let invoke = action_entities
+            .iter()
+            .find(|e| e.uid().id().unescaped() == "invoke")
+            .map(|e| Arc::new(e.as_ref().clone()));
         let mut actions = HashMap::new();
-        let mut invoke = None;
         for e in action_entities.iter() {
             let id = e.uid().id().unescaped().to_owned();
-            if id == "invoke" {
-                invoke = Some(e.clone());
-            } else {
-                actions.insert(id, e.clone());
+            if id != "invoke" {
+                let mut set = vec![Arc::new(e.as_ref().clone())];
+                set.extend(invoke.clone());
+                actions.insert(id, set);
             }
         }
+        let names = request::Names::new()?;
+        let texts: Vec<String> = policies.policies().map(ToString::to_string).collect();
         Ok(Self {
             schema,
             policies,
             actions,
-            invoke,
+            reads: request::Reads::of(texts.iter().map(String::as_str)),
+            service_entity: names.service_entity(&service.name),
+            names,
             authorizer: Authorizer::new(),
             hash: Arc::from(hex::encode(&digest.finish().as_ref()[..8])),
             loaded_at: std::time::SystemTime::now(),
             mode,
-            service: service.name.clone(),
             service_arn: service.arn.clone(),
             network_arn: service.network_arn.clone(),
         })
@@ -208,7 +212,7 @@ impl PolicySnapshot {
 
     /// Decides one request. `Err` only for requests that cannot be expressed.
     pub fn decide(&self, input: &AuthzInput<'_>) -> Result<Decision, ProxyError> {
-        let action = self
+        let actions = self
             .actions
             .get(input.method)
             .ok_or(ProxyError::MethodNotAllowed)?;
@@ -216,37 +220,42 @@ impl PolicySnapshot {
             tracing::warn!(error = %e, "authorization request could not be built");
             ProxyError::Forbidden
         };
-        let mut entities = Vec::with_capacity(16);
-        let principal = principal_entities(input.identity, &mut entities).map_err(internal)?;
-        let service = input.service.unwrap_or(&self.service);
-        let resource = path_entities(input.path, service, &mut entities).map_err(internal)?;
-        entities.push(action.clone());
-        if let Some(invoke) = &self.invoke {
-            entities.push(invoke.clone());
-        }
-        let context = self.context(input, &mut entities).map_err(internal)?;
-        let entities =
-            Entities::from_entities(entities, None).map_err(|e| internal(e.to_string()))?;
+        let fixed = request::Fixed {
+            names: &self.names,
+            reads: self.reads,
+            actions,
+            service: &self.service_entity,
+            service_arn: self.service_arn.as_deref(),
+            network_arn: self.network_arn.as_deref(),
+        };
+        let built = request::build(&fixed, input).map_err(internal)?;
+        let action = actions
+            .first()
+            .map(|a| a.uid().clone())
+            .ok_or(ProxyError::MethodNotAllowed)?;
         // Validated against the schema on every request: if the context ever
         // drifted from the schema, a `forbid` that failed to evaluate would be
         // skipped silently; this way the request is refused instead.
-        let request = CedarRequest::new(
-            principal,
-            action.uid(),
-            resource,
-            context,
-            Some(&self.schema),
+        let request = ast::Request::new(
+            (built.principal, None),
+            (action, None),
+            (built.resource, None),
+            built.context,
+            Some(self.schema.as_ref()),
+            Extensions::all_available(),
         )
         .map_err(|e| internal(e.to_string()))?;
-        let response = self
-            .authorizer
-            .is_authorized(&request, &self.policies, &entities);
+        let response =
+            self.authorizer
+                .is_authorized(request, self.policies.as_ref(), &built.entities);
         let errors: Vec<String> = response
-            .diagnostics()
-            .errors()
+            .diagnostics
+            .errors
+            .iter()
             .map(|err| {
-                tracing::warn!(error = %err, "policy evaluation error");
-                let mut text = err.to_string();
+                let AuthorizationError::PolicyEvaluationError { id, error } = err;
+                let mut text = format!("error while evaluating policy `{id}`: {error}");
+                tracing::warn!(error = %text, "policy evaluation error");
                 // Bounded: a log line, not a dump.
                 if let Some((i, _)) = text.char_indices().nth(200) {
                     text.truncate(i);
@@ -256,231 +265,16 @@ impl PolicySnapshot {
             .collect();
         Ok(Decision {
             errors,
-            allow: response.decision() == cedar_policy::Decision::Allow,
+            allow: response.decision == cedar_policy_core::authorizer::Decision::Allow,
             policies: response
-                .diagnostics()
-                .reason()
-                .map(|id| id.to_string())
+                .diagnostics
+                .reason
+                .iter()
+                .map(ToString::to_string)
                 .collect(),
             policy_set: self.hash.clone(),
         })
     }
-
-    fn context(
-        &self,
-        input: &AuthzInput<'_>,
-        entities: &mut Vec<Entity>,
-    ) -> Result<Context, String> {
-        let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
-        let headers_uid = uid("Http::Headers", "request")?;
-        let query_uid = uid("Http::Query", "request")?;
-        entities.push(tag_entity(headers_uid.clone(), header_tags(input.headers))?);
-        entities.push(tag_entity(query_uid.clone(), query_tags(input.query))?);
-        let mut pairs = vec![
-            ("method".to_owned(), s(input.method)),
-            ("path".to_owned(), s(input.path)),
-            ("host".to_owned(), s(input.host.unwrap_or(""))),
-            (
-                "port".to_owned(),
-                RestrictedExpression::new_long(i64::from(input.conn.local.port())),
-            ),
-            (
-                "source_ip".to_owned(),
-                RestrictedExpression::new_ip(input.conn.peer.ip().to_string()),
-            ),
-            ("authn".to_owned(), s(input.identity.method)),
-            (
-                "headers".to_owned(),
-                RestrictedExpression::new_entity_uid(headers_uid),
-            ),
-            (
-                "query".to_owned(),
-                RestrictedExpression::new_entity_uid(query_uid),
-            ),
-        ];
-        if let Some(arn) = input.service_arn.or(self.service_arn.as_deref()) {
-            pairs.push(("service_arn".to_owned(), s(arn)));
-        }
-        if let Some(arn) = &self.network_arn {
-            pairs.push(("service_network_arn".to_owned(), s(arn)));
-        }
-        if let Some(tls) = &input.conn.tls {
-            let mut rec = vec![("version".to_owned(), s(tls.version))];
-            if let Some(crate::trace::PeerCert::Spiffe(id)) = &tls.peer {
-                rec.push(("peer_spiffe_id".to_owned(), s(&id.to_string())));
-            }
-            pairs.push(("tls".to_owned(), record(rec)?));
-        }
-        if let (Some(aws), Principal::Aws(p)) = (&input.identity.aws, &input.identity.principal) {
-            let mut rec = vec![
-                ("access_key_id".to_owned(), s(&aws.access_key_id)),
-                ("account".to_owned(), s(&p.account)),
-                ("principal_arn".to_owned(), s(&p.arn)),
-                (
-                    "presigned".to_owned(),
-                    RestrictedExpression::new_bool(aws.presigned),
-                ),
-            ];
-            if let Some(org) = &aws.org_id {
-                rec.push(("org_id".to_owned(), s(org)));
-            }
-            if let Some(sess) = &p.session_name {
-                rec.push(("session_name".to_owned(), s(sess)));
-            }
-            pairs.push(("aws".to_owned(), record(rec)?));
-        }
-        if let Some(claims) = &input.identity.jwt {
-            let claims_uid = uid("Warden::Claims", "request")?;
-            entities.push(tag_entity(claims_uid.clone(), claims.selected.clone())?);
-            let mut rec = vec![
-                ("iss".to_owned(), s(&claims.iss)),
-                (
-                    "aud".to_owned(),
-                    RestrictedExpression::new_set(claims.aud.iter().map(|a| s(a))),
-                ),
-                (
-                    "claims".to_owned(),
-                    RestrictedExpression::new_entity_uid(claims_uid),
-                ),
-            ];
-            if let Some(sub) = &claims.sub {
-                rec.push(("sub".to_owned(), s(sub)));
-            }
-            if let Some(k) = &claims.kubernetes {
-                let fields = [
-                    ("namespace", &k.namespace),
-                    ("pod_name", &k.pod_name),
-                    ("pod_uid", &k.pod_uid),
-                    ("service_account_uid", &k.service_account_uid),
-                ];
-                let k8s = fields
-                    .into_iter()
-                    .filter_map(|(n, v)| v.as_deref().map(|v| (n.to_owned(), s(v))))
-                    .collect();
-                rec.push(("kubernetes".to_owned(), record(k8s)?));
-            }
-            pairs.push(("jwt".to_owned(), record(rec)?));
-        }
-        Context::from_pairs(pairs).map_err(|e| e.to_string())
-    }
-}
-
-fn record(fields: Vec<(String, RestrictedExpression)>) -> Result<RestrictedExpression, String> {
-    RestrictedExpression::new_record(fields).map_err(|e| e.to_string())
-}
-
-fn tag_entity(uid: EntityUid, tags: BTreeMap<String, Vec<String>>) -> Result<Entity, String> {
-    let tags = tags.into_iter().map(|(k, vs)| {
-        (
-            k,
-            RestrictedExpression::new_set(vs.into_iter().map(RestrictedExpression::new_string)),
-        )
-    });
-    Entity::new_with_tags(uid, [], [], tags).map_err(|e| e.to_string())
-}
-
-/// Header name -> all its values (values that are not UTF-8 are left out).
-fn header_tags(headers: &HeaderMap) -> BTreeMap<String, Vec<String>> {
-    let mut tags: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (name, value) in headers {
-        if let Ok(v) = value.to_str() {
-            tags.entry(name.as_str().to_owned())
-                .or_default()
-                .push(v.to_owned());
-        }
-    }
-    tags
-}
-
-/// Query key -> all its values, percent-decoded.
-fn query_tags(query: Option<&str>) -> BTreeMap<String, Vec<String>> {
-    let mut tags: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let dec = |s: &str| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
-        };
-        tags.entry(dec(k)).or_default().push(dec(v));
-    }
-    tags
-}
-
-/// Builds the principal and its parent chain (DESIGN §5).
-fn principal_entities(identity: &Identity, out: &mut Vec<Entity>) -> Result<EntityUid, String> {
-    let (ty, id) = identity.principal.uid();
-    let me = uid(ty, &id)?;
-    let mut parents = Vec::new();
-    let mut tags = Vec::new();
-    match &identity.principal {
-        Principal::Aws(p) => {
-            let account = uid("Aws::Account", &p.account)?;
-            let mut account_parents = Vec::new();
-            if let Some(org) = identity.org_id() {
-                let org = uid("Aws::Org", org)?;
-                out.push(Entity::new_no_attrs(org.clone(), Default::default()));
-                account_parents.push(org);
-            }
-            out.push(Entity::new_no_attrs(
-                account.clone(),
-                account_parents.into_iter().collect(),
-            ));
-            parents.push(account);
-            if let Some(aws) = &identity.aws {
-                tags = aws
-                    .tags
-                    .iter()
-                    .map(|(k, v)| (k.clone(), RestrictedExpression::new_string(v.clone())))
-                    .collect();
-            }
-        }
-        Principal::Spiffe(sid) => {
-            let td = uid("Spiffe::TrustDomain", sid.trust_domain())?;
-            out.push(Entity::new_no_attrs(td.clone(), Default::default()));
-            parents.push(td);
-        }
-        Principal::K8s {
-            namespace, cluster, ..
-        } => {
-            let cl = uid("K8s::Cluster", cluster)?;
-            let ns = uid("K8s::Namespace", namespace)?;
-            out.push(Entity::new_no_attrs(cl.clone(), Default::default()));
-            out.push(Entity::new_no_attrs(ns.clone(), [cl].into_iter().collect()));
-            parents.push(ns);
-        }
-        Principal::Oidc { iss, .. } => {
-            let is = uid("Oidc::Issuer", iss)?;
-            out.push(Entity::new_no_attrs(is.clone(), Default::default()));
-            parents.push(is);
-        }
-        Principal::Anonymous => {}
-    }
-    out.push(Entity::new_with_tags(me.clone(), [], parents, tags).map_err(|e| e.to_string())?);
-    Ok(me)
-}
-
-/// The resource `Http::Path::"<path>"` with its segment-aware ancestors, all
-/// in `Http::Service::"<service>"`.
-fn path_entities(path: &str, service: &str, out: &mut Vec<Entity>) -> Result<EntityUid, String> {
-    let svc = uid("Http::Service", service)?;
-    out.push(Entity::new_no_attrs(svc.clone(), Default::default()));
-    let me = uid("Http::Path", path)?;
-    let mut parents = vec![svc];
-    if !path.ends_with('/') {
-        parents.push(uid("Http::Path", &format!("{path}/"))?);
-    }
-    for (i, _) in path.match_indices('/') {
-        let prefix = &path[..=i];
-        if prefix != path {
-            parents.push(uid("Http::Path", prefix)?);
-        }
-    }
-    out.push(Entity::new_no_attrs(
-        me.clone(),
-        parents.into_iter().collect(),
-    ));
-    Ok(me)
 }
 
 /// What one decision needs to know about the request.
