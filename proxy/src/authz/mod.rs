@@ -6,6 +6,7 @@
 //! by its `@id` (else `<file>:<index>`).
 
 mod request;
+mod shape;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -49,12 +50,20 @@ fn located(file: &Path, src: &str, d: &dyn Diagnostic, msg: impl std::fmt::Displ
     }
 }
 
+/// One method's action entity, the `Action::"invoke"` group it is in, and
+/// for each principal kind whether its requests were proved to conform to
+/// the schema ([`shape`]) or must be validated one by one.
+struct Action {
+    entities: Vec<Arc<ast::Entity>>,
+    proved: [bool; request::KINDS],
+}
+
 /// The parsed, validated policy set and everything a decision needs.
 pub struct PolicySnapshot {
     schema: Schema,
     policies: PolicySet,
-    /// Method -> its action entity and the `Action::"invoke"` group it is in.
-    actions: HashMap<String, Vec<Arc<ast::Entity>>>,
+    /// Method -> its action.
+    actions: HashMap<String, Action>,
     names: request::Names,
     reads: request::Reads,
     service_entity: Arc<ast::Entity>,
@@ -178,23 +187,35 @@ impl PolicySnapshot {
             .iter()
             .find(|e| e.uid().id().unescaped() == "invoke")
             .map(|e| Arc::new(e.as_ref().clone()));
+        let names = request::Names::new()?;
+        let texts: Vec<String> = policies.policies().map(ToString::to_string).collect();
+        let reads = request::Reads::of(texts.iter().map(String::as_str));
+        let service_entity = names.service_entity(&service.name);
         let mut actions = HashMap::new();
         for e in action_entities.iter() {
             let id = e.uid().id().unescaped().to_owned();
-            if id != "invoke" {
-                let mut set = vec![Arc::new(e.as_ref().clone())];
-                set.extend(invoke.clone());
-                actions.insert(id, set);
+            if id == "invoke" {
+                continue;
             }
+            let mut entities = vec![Arc::new(e.as_ref().clone())];
+            entities.extend(invoke.clone());
+            let fixed = request::Fixed {
+                names: &names,
+                reads,
+                actions: &entities,
+                service: &service_entity,
+                service_arn: None,
+                network_arn: None,
+            };
+            let proved = shape::prove(schema.as_ref(), &fixed, &id)?;
+            actions.insert(id, Action { entities, proved });
         }
-        let names = request::Names::new()?;
-        let texts: Vec<String> = policies.policies().map(ToString::to_string).collect();
         Ok(Self {
             schema,
             policies,
             actions,
-            reads: request::Reads::of(texts.iter().map(String::as_str)),
-            service_entity: names.service_entity(&service.name),
+            reads,
+            service_entity,
             names,
             authorizer: Authorizer::new(),
             hash: Arc::from(hex::encode(&digest.finish().as_ref()[..8])),
@@ -212,7 +233,7 @@ impl PolicySnapshot {
 
     /// Decides one request. `Err` only for requests that cannot be expressed.
     pub fn decide(&self, input: &AuthzInput<'_>) -> Result<Decision, ProxyError> {
-        let actions = self
+        let action = self
             .actions
             .get(input.method)
             .ok_or(ProxyError::MethodNotAllowed)?;
@@ -223,28 +244,36 @@ impl PolicySnapshot {
         let fixed = request::Fixed {
             names: &self.names,
             reads: self.reads,
-            actions,
+            actions: &action.entities,
             service: &self.service_entity,
             service_arn: self.service_arn.as_deref(),
             network_arn: self.network_arn.as_deref(),
         };
         let built = request::build(&fixed, input).map_err(internal)?;
-        let action = actions
-            .first()
-            .map(|a| a.uid().clone())
-            .ok_or(ProxyError::MethodNotAllowed)?;
-        // Validated against the schema on every request: if the context ever
-        // drifted from the schema, a `forbid` that failed to evaluate would be
-        // skipped silently; this way the request is refused instead.
-        let request = ast::Request::new(
-            (built.principal, None),
-            (action, None),
-            (built.resource, None),
-            built.context,
-            Some(self.schema.as_ref()),
-            Extensions::all_available(),
-        )
-        .map_err(|e| internal(e.to_string()))?;
+        let proved = action.proved[request::kind(&input.identity.principal)];
+        let request = if proved {
+            ast::Request::new(
+                (built.principal, None),
+                (built.action, None),
+                (built.resource, None),
+                built.context,
+                None::<&ast::RequestSchemaAllPass>,
+                Extensions::all_available(),
+            )
+            .map_err(|e| match e {})?
+        } else {
+            // Not proved for this schema: validate this one (and refuse it
+            // if it does not conform; see `shape`).
+            ast::Request::new(
+                (built.principal, None),
+                (built.action, None),
+                (built.resource, None),
+                built.context,
+                Some(self.schema.as_ref()),
+                Extensions::all_available(),
+            )
+            .map_err(|e| internal(e.to_string()))?
+        };
         let response =
             self.authorizer
                 .is_authorized(request, self.policies.as_ref(), &built.entities);

@@ -71,6 +71,7 @@ impl Names {
     }
 
     fn principal_type(&self, p: &Principal) -> &EntityType {
+        // In the order of [`kind`].
         match p {
             Principal::Aws(a) => match a.kind {
                 crate::authn::AwsKind::Role => &self.aws_role,
@@ -86,6 +87,24 @@ impl Names {
     /// `Http::Service::"<name>"`, which every path is in.
     pub(super) fn service_entity(&self, name: &str) -> Arc<Entity> {
         Arc::new(Entity::with_uid(uid(&self.service, name)))
+    }
+}
+
+/// How many principal types there are.
+pub(super) const KINDS: usize = 6;
+
+/// The principal's type as an index: Aws::Role, Aws::User, Spiffe::Id,
+/// K8s::ServiceAccount, Oidc::Subject, Warden::Anonymous.
+pub(super) fn kind(p: &Principal) -> usize {
+    match p {
+        Principal::Aws(a) => match a.kind {
+            crate::authn::AwsKind::Role => 0,
+            crate::authn::AwsKind::User => 1,
+        },
+        Principal::Spiffe(_) => 2,
+        Principal::K8s { .. } => 3,
+        Principal::Oidc { .. } => 4,
+        Principal::Anonymous => 5,
     }
 }
 
@@ -142,12 +161,14 @@ impl Reads {
 /// What a built request is evaluated with.
 pub(super) struct Built {
     pub principal: EntityUID,
+    pub action: EntityUID,
     pub resource: EntityUID,
     pub context: Context,
     pub entities: Entities,
 }
 
 /// The fixed parts of a policy set that every request shares.
+#[derive(Clone, Copy)]
 pub(super) struct Fixed<'a> {
     pub names: &'a Names,
     pub reads: Reads,
@@ -161,6 +182,11 @@ pub(super) struct Fixed<'a> {
 
 pub(super) fn build(fixed: &Fixed<'_>, input: &AuthzInput<'_>) -> Result<Built, String> {
     let names = fixed.names;
+    let action = fixed
+        .actions
+        .first()
+        .map(|a| a.uid().clone())
+        .ok_or("no action entity")?;
     let mut entities: Vec<Arc<Entity>> = Vec::with_capacity(12);
     entities.extend(fixed.actions.iter().cloned());
     let principal = principal_entities(names, input.identity, &mut entities);
@@ -183,6 +209,7 @@ pub(super) fn build(fixed: &Fixed<'_>, input: &AuthzInput<'_>) -> Result<Built, 
         .map_err(|e| e.to_string())?;
     Ok(Built {
         principal,
+        action,
         resource: resource_uid,
         context,
         entities,
