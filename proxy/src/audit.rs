@@ -36,15 +36,19 @@ impl DecisionLog {
             .name("decision-log".into())
             .spawn(move || {
                 let stdout = std::io::stdout();
+                // One write per batch: stdout is line-buffered, so lines
+                // written one by one would cost a system call each.
+                let mut batch = Vec::with_capacity(64 * 1024);
                 while let Ok(line) = rx.recv() {
-                    let mut out = stdout.lock();
-                    let _ = writeln!(out, "{line}");
-                    let mut n = 1;
-                    // Drain what is queued before flushing once.
-                    while let Ok(line) = rx.try_recv() {
-                        let _ = writeln!(out, "{line}");
+                    batch.clear();
+                    let mut n = 0;
+                    for line in std::iter::once(line).chain(rx.try_iter().take(QUEUE)) {
+                        batch.extend_from_slice(line.as_bytes());
+                        batch.push(b'\n');
                         n += 1;
                     }
+                    let mut out = stdout.lock();
+                    let _ = out.write_all(&batch);
                     let _ = out.flush();
                     drop(out);
                     count.fetch_add(n, Ordering::Release);
