@@ -5,6 +5,7 @@
 //! and context are built. Default deny; `forbid` wins. Every policy is named
 //! by its `@id` (else `<file>:<index>`).
 
+mod index;
 mod request;
 mod shape;
 
@@ -16,7 +17,7 @@ use std::task::{Context as TaskContext, Poll};
 use arc_swap::ArcSwap;
 use cedar_policy::{PolicyId, PolicySet, Schema, ValidationMode, Validator};
 use cedar_policy_core::ast;
-use cedar_policy_core::authorizer::{AuthorizationError, Authorizer};
+use cedar_policy_core::authorizer::AuthorizationError;
 use cedar_policy_core::extensions::Extensions;
 use http::{HeaderMap, Request, Response};
 use miette::Diagnostic;
@@ -56,6 +57,8 @@ fn located(file: &Path, src: &str, d: &dyn Diagnostic, msg: impl std::fmt::Displ
 struct Action {
     entities: Vec<Arc<ast::Entity>>,
     proved: [bool; request::KINDS],
+    /// The policies that can apply to this action ([`index`]).
+    slice: index::Slice,
 }
 
 /// The parsed, validated policy set and everything a decision needs.
@@ -67,7 +70,8 @@ pub struct PolicySnapshot {
     names: request::Names,
     reads: request::Reads,
     service_entity: Arc<ast::Entity>,
-    authorizer: Authorizer,
+    /// The set's policies, as the slices index them.
+    all: Arc<[ast::Policy]>,
     /// Hash of the active set, for the decision log.
     pub hash: Arc<str>,
     /// When this set was loaded.
@@ -191,6 +195,7 @@ impl PolicySnapshot {
         let texts: Vec<String> = policies.policies().map(ToString::to_string).collect();
         let reads = request::Reads::of(texts.iter().map(String::as_str));
         let service_entity = names.service_entity(&service.name);
+        let all = index::policies(policies.as_ref());
         let mut actions = HashMap::new();
         for e in action_entities.iter() {
             let id = e.uid().id().unescaped().to_owned();
@@ -208,7 +213,15 @@ impl PolicySnapshot {
                 network_arn: None,
             };
             let proved = shape::prove(schema.as_ref(), &fixed, &id)?;
-            actions.insert(id, Action { entities, proved });
+            let slice = index::Slice::new(&all, e.as_ref());
+            actions.insert(
+                id,
+                Action {
+                    entities,
+                    proved,
+                    slice,
+                },
+            );
         }
         Ok(Self {
             schema,
@@ -217,7 +230,7 @@ impl PolicySnapshot {
             reads,
             service_entity,
             names,
-            authorizer: Authorizer::new(),
+            all,
             hash: Arc::from(hex::encode(&digest.finish().as_ref()[..8])),
             loaded_at: std::time::SystemTime::now(),
             mode,
@@ -253,7 +266,7 @@ impl PolicySnapshot {
         let proved = action.proved[request::kind(&input.identity.principal)];
         let request = if proved {
             ast::Request::new(
-                (built.principal, None),
+                (built.principal.clone(), None),
                 (built.action, None),
                 (built.resource, None),
                 built.context,
@@ -265,7 +278,7 @@ impl PolicySnapshot {
             // Not proved for this schema: validate this one (and refuse it
             // if it does not conform; see `shape`).
             ast::Request::new(
-                (built.principal, None),
+                (built.principal.clone(), None),
                 (built.action, None),
                 (built.resource, None),
                 built.context,
@@ -275,10 +288,10 @@ impl PolicySnapshot {
             .map_err(|e| internal(e.to_string()))?
         };
         let response =
-            self.authorizer
-                .is_authorized(request, self.policies.as_ref(), &built.entities);
+            action
+                .slice
+                .authorize(&self.all, &built.principal, request, &built.entities);
         let errors: Vec<String> = response
-            .diagnostics
             .errors
             .iter()
             .map(|err| {
@@ -294,13 +307,8 @@ impl PolicySnapshot {
             .collect();
         Ok(Decision {
             errors,
-            allow: response.decision == cedar_policy_core::authorizer::Decision::Allow,
-            policies: response
-                .diagnostics
-                .reason
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
+            allow: response.allow,
+            policies: response.reasons.iter().map(ToString::to_string).collect(),
             policy_set: self.hash.clone(),
         })
     }
@@ -417,6 +425,77 @@ impl<S> Authz<S> {
             Ok(())
         } else {
             Err(ProxyError::Forbidden)
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    pub const SHIPPED: &str = include_str!("../../../policies/schema.cedarschema");
+
+    /// A set of `policies` under `schema`.
+    pub fn snapshot(schema: &str, policies: &str) -> PolicySnapshot {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("schema.cedarschema"), schema).expect("write");
+        std::fs::write(dir.path().join("set.cedar"), policies).expect("write");
+        PolicySnapshot::load(
+            dir.path(),
+            &dir.path().join("schema.cedarschema"),
+            AuthzMode::Enforce,
+            &ServiceConfig::default(),
+        )
+        .expect("load")
+    }
+
+    impl PolicySnapshot {
+        /// The same request decided by Cedar's own authorizer over the
+        /// whole set: (allow, reasons, failed policies), sorted.
+        pub fn decide_reference(&self, input: &AuthzInput<'_>) -> (bool, Vec<String>, Vec<String>) {
+            let action = self.actions.get(input.method).expect("action");
+            let fixed = request::Fixed {
+                names: &self.names,
+                reads: self.reads,
+                actions: &action.entities,
+                service: &self.service_entity,
+                service_arn: self.service_arn.as_deref(),
+                network_arn: self.network_arn.as_deref(),
+            };
+            let built = request::build(&fixed, input).expect("build");
+            let request = ast::Request::new(
+                (built.principal, None),
+                (built.action, None),
+                (built.resource, None),
+                built.context,
+                Some(self.schema.as_ref()),
+                Extensions::all_available(),
+            )
+            .expect("request");
+            let r = cedar_policy_core::authorizer::Authorizer::new().is_authorized(
+                request,
+                self.policies.as_ref(),
+                &built.entities,
+            );
+            let mut reasons: Vec<String> = r
+                .diagnostics
+                .reason
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            reasons.sort();
+            let mut failed: Vec<String> = r
+                .diagnostics
+                .errors
+                .iter()
+                .map(|AuthorizationError::PolicyEvaluationError { id, .. }| id.to_string())
+                .collect();
+            failed.sort();
+            (
+                r.decision == cedar_policy_core::authorizer::Decision::Allow,
+                reasons,
+                failed,
+            )
         }
     }
 }

@@ -29,11 +29,11 @@ use crate::authn::{AwsFacts, AwsKind, AwsPrincipal, Identity, Principal};
 use crate::trace::{ConnInfo, PeerCert, TlsInfo};
 
 /// One request the builder could be asked for.
-struct Sample {
-    identity: Identity,
-    conn: ConnInfo,
-    service_arn: Option<&'static str>,
-    network_arn: Option<&'static str>,
+pub(super) struct Sample {
+    pub identity: Identity,
+    pub conn: ConnInfo,
+    pub service_arn: Option<&'static str>,
+    pub network_arn: Option<&'static str>,
 }
 
 fn principal(kind: usize) -> Result<Principal, String> {
@@ -64,7 +64,7 @@ fn principal(kind: usize) -> Result<Principal, String> {
 }
 
 /// Every optional attribute present.
-fn fullest(kind: usize) -> Result<Sample, String> {
+pub(super) fn fullest(kind: usize) -> Result<Sample, String> {
     let some = |s: &str| Some(s.to_owned());
     Ok(Sample {
         identity: Identity {
@@ -188,27 +188,13 @@ pub(super) fn prove(
 mod tests {
     use super::*;
     use crate::authz::PolicySnapshot;
-    use crate::config::{AuthzMode, ServiceConfig};
     use crate::error::ProxyError;
 
-    const SHIPPED: &str = include_str!("../../../policies/schema.cedarschema");
+    use crate::authz::testing::SHIPPED;
 
     /// A set that permits everything, under `schema`.
     fn snapshot(schema: &str) -> PolicySnapshot {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("schema.cedarschema"), schema).expect("write");
-        std::fs::write(
-            dir.path().join("all.cedar"),
-            "permit (principal, action, resource);",
-        )
-        .expect("write");
-        PolicySnapshot::load(
-            dir.path(),
-            &dir.path().join("schema.cedarschema"),
-            AuthzMode::Enforce,
-            &ServiceConfig::default(),
-        )
-        .expect("load")
+        crate::authz::testing::snapshot(schema, "permit (principal, action, resource);")
     }
 
     fn decide(set: &PolicySnapshot, s: &Sample) -> Result<bool, ProxyError> {
