@@ -224,35 +224,63 @@ impl ObserveLayer {
             (None, Some(d)) if !d.allow => Some("would deny (audit mode)".to_owned()),
             _ => None,
         };
-        let line = serde_json::json!({
-            "ts": ts,
-            "request_id": trace.request_id,
-            "source_ip": trace.conn.peer.ip().to_string(),
-            "authn": authn,
-            "principal": trace.principal.get(),
-            "action": trace.action.get(),
-            "resource": trace.resource.get(),
-            "decision": decision.map(|d| if d.allow { "allow" } else { "deny" }),
-            "mode": self.mode.as_str(),
-            "policies": decision.map(|d| d.policies.clone()).unwrap_or_default(),
-            "policy_set": decision.map(|d| d.policy_set.to_string()),
-            "reason": reason,
-            "status": status,
-            "duration_us": u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-        });
-        let mut line = line;
-        if let Some(d) = decision.filter(|d| !d.errors.is_empty()) {
-            line["errors"] = serde_json::json!(d.errors);
+        let verdict = |allow: bool| if allow { "allow" } else { "deny" };
+        let line = LogLine {
+            ts: &ts,
+            request_id: &trace.request_id,
+            source_ip: trace.conn.peer.ip(),
+            authn,
+            principal: trace.principal.get().map(String::as_str),
+            action: trace.action.get().map(String::as_str),
+            resource: trace.resource.get().map(String::as_str),
+            decision: decision.map(|d| verdict(d.allow)),
+            mode: self.mode.as_str(),
+            policies: decision.map_or(&[], |d| d.policies.as_slice()),
+            policy_set: decision.map(|d| &*d.policy_set),
+            reason: reason.as_deref(),
+            status,
+            duration_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            errors: decision.map_or(&[], |d| d.errors.as_slice()),
+            shadow: shadow.map(|sh| ShadowLine {
+                decision: verdict(sh.allow),
+                policies: &sh.policies,
+                policy_set: &sh.policy_set,
+            }),
+        };
+        if let Ok(line) = serde_json::to_string(&line) {
+            self.log.write(line);
         }
-        if let Some(sh) = shadow {
-            line["shadow"] = serde_json::json!({
-                "decision": if sh.allow { "allow" } else { "deny" },
-                "policies": sh.policies,
-                "policy_set": sh.policy_set.to_string(),
-            });
-        }
-        self.log.write(line.to_string());
     }
+}
+
+/// One decision-log line (DESIGN §8), serialized straight from the trace.
+#[derive(serde::Serialize)]
+struct LogLine<'a> {
+    ts: &'a str,
+    request_id: &'a str,
+    source_ip: std::net::IpAddr,
+    authn: &'a str,
+    principal: Option<&'a str>,
+    action: Option<&'a str>,
+    resource: Option<&'a str>,
+    decision: Option<&'a str>,
+    mode: &'a str,
+    policies: &'a [String],
+    policy_set: Option<&'a str>,
+    reason: Option<&'a str>,
+    status: u16,
+    duration_us: u64,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    errors: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shadow: Option<ShadowLine<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct ShadowLine<'a> {
+    decision: &'a str,
+    policies: &'a [String],
+    policy_set: &'a str,
 }
 
 #[cfg(test)]
