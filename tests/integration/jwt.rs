@@ -293,6 +293,38 @@ async fn rotation_needs_at_most_one_refetch_and_old_keys_keep_working() {
 }
 
 #[tokio::test]
+async fn a_cached_token_is_refused_once_its_key_is_withdrawn() {
+    let (rs, es) = (key(Algorithm::RS256), key(Algorithm::ES256));
+    let server = KeyServer::start(jwks_of(&[&rs])).await;
+    let iss = "https://oidc.withdraw.test";
+    let h = plain(block(
+        iss,
+        Some(&format!("{}/keys", server.url)),
+        "k8s",
+        "kid_cooldown = \"1h\"",
+    ))
+    .await;
+    ready(&h).await;
+    let old = sign(&rs, None, &sa_claims(iss));
+    for _ in 0..2 {
+        // The second call is served from the verified-token cache.
+        assert_eq!(
+            call(&h, &old, "/api/catalog/x").await.status,
+            StatusCode::OK
+        );
+    }
+    // The issuer withdraws the old key; a new-kid token makes warden refetch.
+    server.publish(&[&es]);
+    let new = sign(&es, None, &sa_claims(iss));
+    assert_eq!(
+        call(&h, &new, "/api/catalog/x").await.status,
+        StatusCode::OK
+    );
+    let rsp = call(&h, &old, "/api/catalog/x").await;
+    assert_eq!(rsp.status, StatusCode::UNAUTHORIZED, "{}", rsp.text());
+}
+
+#[tokio::test]
 async fn unknown_kid_storm_causes_a_handful_of_fetches() {
     let es = key(Algorithm::ES256);
     let server = KeyServer::start(jwks_of(&[&es])).await;
