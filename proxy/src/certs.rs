@@ -147,11 +147,107 @@ pub async fn watch(tls: TlsConfig, active: Arc<ArcSwap<ServerConfig>>, metrics: 
         .cloned()
         .collect();
     let mut changes = crate::reload::Changes::new(&files, "certificates");
+    // The watched directories may hold other files (logs, say): only a
+    // change in these files' bytes (or SIGHUP) reloads.
+    let mut last = fingerprint(&files);
     while changes.next().await {
         let tls = tls.clone();
         let active = active.clone();
         let metrics = metrics.clone();
+        let files = files.clone();
+        let forced = changes.by_signal();
         // File reads and parsing stay off the async workers.
-        let _ = tokio::task::spawn_blocking(move || reload_once(&tls, &active, &metrics)).await;
+        let seen = tokio::task::spawn_blocking(move || {
+            reload_if_changed(&tls, &files, last, forced, &active, &metrics)
+        })
+        .await;
+        if let Ok(now) = seen {
+            last = now;
+        }
+    }
+}
+
+/// Reloads unless the files still read as `last` (and this is not SIGHUP);
+/// returns what they read as now.
+fn reload_if_changed(
+    tls: &TlsConfig,
+    files: &[PathBuf],
+    last: Option<[u8; 32]>,
+    forced: bool,
+    active: &ArcSwap<ServerConfig>,
+    metrics: &Metrics,
+) -> Option<[u8; 32]> {
+    let now = fingerprint(files);
+    if forced || now.is_none() || now != last {
+        reload_once(tls, active, metrics);
+    }
+    now
+}
+
+/// Digest of the files' bytes; `None` if one cannot be read.
+fn fingerprint(files: &[PathBuf]) -> Option<[u8; 32]> {
+    let mut d = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for f in files {
+        let bytes = std::fs::read(f).ok()?;
+        d.update(&(bytes.len() as u64).to_be_bytes());
+        d.update(&bytes);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.finish().as_ref());
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devkit::{CertPair, DevCa};
+
+    fn reloads(metrics: &Metrics, result: &'static str) -> u64 {
+        metrics
+            .cert_reloads
+            .get_or_create(&ResultLabels { result })
+            .get()
+    }
+
+    #[test]
+    fn only_a_change_in_the_files_or_sighup_reloads() {
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = DevCa::new("watch CA").expect("ca");
+        let (a, b) = (ca.server().expect("server"), ca.server().expect("server"));
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let write = |p: &CertPair| {
+            std::fs::write(&cert, &p.cert_pem).expect("write");
+            std::fs::write(&key, &p.key_pem).expect("write");
+        };
+        write(&a);
+        let tls = TlsConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: None,
+            client_auth: ClientAuth::Optional,
+            trust_domains: None,
+            versions: vec![TlsVersion::V1_3],
+        };
+        let files = vec![cert.clone(), key.clone()];
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let active = ArcSwap::new(load(&tls).expect("load").config);
+        let mut last = fingerprint(&files);
+
+        // Another file in the same directory (a log, say): nothing reloads.
+        std::fs::write(dir.path().join("warden.log"), "a line").expect("write");
+        last = reload_if_changed(&tls, &files, last, false, &active, &metrics);
+        assert_eq!(reloads(&metrics, "ok"), 0);
+
+        // New bytes: reloaded once, and not again while they stay.
+        write(&b);
+        last = reload_if_changed(&tls, &files, last, false, &active, &metrics);
+        assert_eq!(reloads(&metrics, "ok"), 1);
+        last = reload_if_changed(&tls, &files, last, false, &active, &metrics);
+        assert_eq!(reloads(&metrics, "ok"), 1);
+
+        // SIGHUP always reloads.
+        reload_if_changed(&tls, &files, last, true, &active, &metrics);
+        assert_eq!(reloads(&metrics, "ok"), 2);
     }
 }

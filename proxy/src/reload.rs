@@ -33,19 +33,31 @@ impl PolicySource {
     }
 }
 
-/// Loads the set again; swaps it in if it is valid and differs.
+/// Loads the set again; swaps it in if it is valid and differs. Files that
+/// read the same as the active set's are not parsed again, unless `forced`
+/// (SIGHUP).
 pub async fn reload_once(
     source: &PolicySource,
     active: &ArcSwap<PolicySnapshot>,
     metrics: &Metrics,
+    forced: bool,
 ) {
     let src = source.clone();
-    let loaded = tokio::task::spawn_blocking(move || src.load())
-        .await
-        .unwrap_or_else(|e| Err(format!("reload task failed: {e}")));
+    let current = active.load().source;
+    let loaded = tokio::task::spawn_blocking(move || {
+        let unchanged =
+            crate::authz::source_digest(&src.dir, &src.schema).is_ok_and(|d| d == current);
+        if unchanged && !forced {
+            return Ok(None);
+        }
+        src.load().map(Some)
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("reload task failed: {e}")));
     match loaded {
-        Ok(set) if set.hash == active.load().hash => {}
-        Ok(set) => {
+        Ok(None) => {}
+        Ok(Some(set)) if set.source == active.load().source => {}
+        Ok(Some(set)) => {
             tracing::info!(policy_set = %set.hash, "policies reloaded");
             metrics.set_policy_set(&set.hash, set.loaded_at);
             metrics
@@ -75,7 +87,7 @@ pub async fn watch(
     dirs.extend(source.schema.parent().map(PathBuf::from));
     let mut changes = Changes::new(&dirs, "policies");
     while changes.next().await {
-        reload_once(&source, &active, &metrics).await;
+        reload_once(&source, &active, &metrics, changes.by_signal()).await;
     }
 }
 
@@ -86,6 +98,8 @@ pub async fn watch(
 /// rename — is seen by watching the directory holding the files.
 pub struct Changes {
     rx: mpsc::Receiver<()>,
+    /// Whether the last reason was SIGHUP rather than a file change.
+    by_signal: bool,
     hup: Option<tokio::signal::unix::Signal>,
     what: &'static str,
     _watcher: Option<notify::RecommendedWatcher>,
@@ -136,14 +150,21 @@ impl Changes {
         let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         Self {
             rx,
+            by_signal: false,
             hup,
             what,
             _watcher: watcher,
         }
     }
 
+    /// Whether the last reason [`next`](Self::next) returned was SIGHUP.
+    pub fn by_signal(&self) -> bool {
+        self.by_signal
+    }
+
     /// Waits for the next reason to reload; `false` once watching has ended.
     pub async fn next(&mut self) -> bool {
+        self.by_signal = false;
         tokio::select! {
             got = self.rx.recv() => {
                 if got.is_none() {
@@ -162,6 +183,7 @@ impl Changes {
                 }
             } => {
                 tracing::info!(what = self.what, "SIGHUP: reloading");
+                self.by_signal = true;
                 true
             }
         }

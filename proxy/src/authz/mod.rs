@@ -74,6 +74,9 @@ pub struct PolicySnapshot {
     all: Arc<[ast::Policy]>,
     /// Hash of the active set, for the decision log.
     pub hash: Arc<str>,
+    /// Digest of everything the set was loaded from (schema included), so a
+    /// reload can tell "nothing changed" without parsing.
+    pub source: [u8; 32],
     /// When this set was loaded.
     pub loaded_at: std::time::SystemTime,
     pub mode: AuthzMode,
@@ -114,6 +117,28 @@ fn read_sources(dir: &Path, schema_path: &Path) -> Result<Sources, String> {
 /// Reads the sources until two reads in a row agree, so a directory swapped
 /// while it is read (a ConfigMap's `..data` symlink, an editor's save) is
 /// never loaded half old, half new.
+/// Digest of the schema and every policy file, names included.
+fn digest_sources((schema, files): &Sources) -> [u8; 32] {
+    let mut d = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut part = |bytes: &[u8]| {
+        d.update(&(bytes.len() as u64).to_be_bytes());
+        d.update(bytes);
+    };
+    part(schema.as_bytes());
+    for (path, text) in files {
+        part(path.as_os_str().as_encoded_bytes());
+        part(text.as_bytes());
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.finish().as_ref());
+    out
+}
+
+/// The digest a set loaded from `dir` and `schema_path` now would have.
+pub fn source_digest(dir: &Path, schema_path: &Path) -> Result<[u8; 32], String> {
+    read_sources(dir, schema_path).map(|s| digest_sources(&s))
+}
+
 fn read_stable(dir: &Path, schema_path: &Path) -> Result<Sources, String> {
     let mut last = read_sources(dir, schema_path)?;
     for _ in 0..8 {
@@ -137,7 +162,9 @@ impl PolicySnapshot {
         mode: AuthzMode,
         service: &ServiceConfig,
     ) -> Result<Self, String> {
-        let (schema_src, files) = read_stable(dir, schema_path)?;
+        let sources = read_stable(dir, schema_path)?;
+        let source = digest_sources(&sources);
+        let (schema_src, files) = sources;
         let (schema, _warnings) = Schema::from_cedarschema_str(&schema_src)
             .map_err(|e| located(schema_path, &schema_src, &e, &e))?;
         let validator = Validator::new(schema.clone());
@@ -232,6 +259,7 @@ impl PolicySnapshot {
             names,
             all,
             hash: Arc::from(hex::encode(&digest.finish().as_ref()[..8])),
+            source,
             loaded_at: std::time::SystemTime::now(),
             mode,
             service_arn: service.arn.clone(),
