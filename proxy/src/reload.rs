@@ -34,26 +34,32 @@ impl PolicySource {
 }
 
 /// Loads the set again; swaps it in if it is valid and differs. Files that
-/// read the same as the active set's are not parsed again, unless `forced`
-/// (SIGHUP).
+/// read the same as the active set's, or as the set last refused
+/// (`refused`), are not parsed again unless `forced` (SIGHUP): a broken set
+/// is reported once, not on every unrelated change beside it.
 pub async fn reload_once(
     source: &PolicySource,
     active: &ArcSwap<PolicySnapshot>,
     metrics: &Metrics,
     forced: bool,
+    refused: &mut Option<[u8; 32]>,
 ) {
     let src = source.clone();
     let current = active.load().source;
-    let loaded = tokio::task::spawn_blocking(move || {
-        let unchanged =
-            crate::authz::source_digest(&src.dir, &src.schema).is_ok_and(|d| d == current);
-        if unchanged && !forced {
-            return Ok(None);
+    let known = *refused;
+    let (digest, loaded) = tokio::task::spawn_blocking(move || {
+        let digest = crate::authz::source_digest(&src.dir, &src.schema).ok();
+        let seen = digest.is_some_and(|d| d == current || Some(d) == known);
+        if seen && !forced {
+            return (digest, Ok(None));
         }
-        src.load().map(Some)
+        (digest, src.load().map(Some))
     })
     .await
-    .unwrap_or_else(|e| Err(format!("reload task failed: {e}")));
+    .unwrap_or_else(|e| (None, Err(format!("reload task failed: {e}"))));
+    if loaded.is_err() {
+        *refused = digest;
+    }
     match loaded {
         Ok(None) => {}
         Ok(Some(set)) if set.source == active.load().source => {}
@@ -86,8 +92,16 @@ pub async fn watch(
     dirs.extend(source.dir.parent().map(PathBuf::from));
     dirs.extend(source.schema.parent().map(PathBuf::from));
     let mut changes = Changes::new(&dirs, "policies");
+    let mut refused = None;
     while changes.next().await {
-        reload_once(&source, &active, &metrics, changes.by_signal()).await;
+        reload_once(
+            &source,
+            &active,
+            &metrics,
+            changes.by_signal(),
+            &mut refused,
+        )
+        .await;
     }
 }
 
@@ -187,5 +201,56 @@ impl Changes {
                 true
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(metrics: &Metrics, result: &'static str) -> u64 {
+        metrics
+            .policy_reloads
+            .get_or_create(&ResultLabels { result })
+            .get()
+    }
+
+    #[tokio::test]
+    async fn a_refused_set_is_reported_once_and_a_fixed_one_swapped_in() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let schema = dir.path().join("schema.cedarschema");
+        std::fs::write(&schema, crate::authz::testing::SHIPPED).expect("write");
+        let policy = dir.path().join("p.cedar");
+        std::fs::write(&policy, "permit (principal, action, resource);").expect("write");
+        let source = PolicySource {
+            dir: dir.path().to_path_buf(),
+            schema,
+            mode: AuthzMode::Enforce,
+            service: ServiceConfig::default(),
+        };
+        let active = ArcSwap::from_pointee(source.load().expect("load"));
+        let first = active.load().source;
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let mut refused = None;
+
+        // Nothing changed: nothing parsed, nothing counted.
+        reload_once(&source, &active, &metrics, false, &mut refused).await;
+        assert_eq!((count(&metrics, "ok"), count(&metrics, "error")), (0, 0));
+
+        // Broken: refused once; the same broken files are not reported again
+        // on the next unrelated change, only on SIGHUP.
+        std::fs::write(&policy, "permit (principal, action, resource").expect("write");
+        reload_once(&source, &active, &metrics, false, &mut refused).await;
+        reload_once(&source, &active, &metrics, false, &mut refused).await;
+        assert_eq!((count(&metrics, "ok"), count(&metrics, "error")), (0, 1));
+        reload_once(&source, &active, &metrics, true, &mut refused).await;
+        assert_eq!(count(&metrics, "error"), 2);
+        assert_eq!(active.load().source, first, "the old set keeps deciding");
+
+        // Fixed (and different): swapped in.
+        std::fs::write(&policy, "forbid (principal, action, resource);").expect("write");
+        reload_once(&source, &active, &metrics, false, &mut refused).await;
+        assert_eq!((count(&metrics, "ok"), count(&metrics, "error")), (1, 2));
+        assert_ne!(active.load().source, first);
     }
 }
