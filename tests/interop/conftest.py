@@ -219,7 +219,7 @@ class Warden:
     def __init__(self, d: Path, upstream_port: int, keys_port: int, sts_port: int,
                  client_auth: str = "optional", name: str = "", tls_extra: str = "",
                  protocol: str = "http1", policies: Path = REPO / "policies",
-                 extra: str = "", preexec_fn=None, cert: str = "server.pem",
+                 extra: str = "", cert: str = "server.pem",
                  key: str = "server.key"):
         cfg = d / f"warden-{client_auth}{name}.toml"
         cfg.write_text(f"""
@@ -293,8 +293,7 @@ principal = "arn:aws:iam::123456789012:role/order-service-role"
 """)
         binary = os.environ.get("WARDEN_BIN", str(REPO / "target/debug/warden"))
         self.proc = subprocess.Popen([binary, "run", "--config", str(cfg)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     preexec_fn=preexec_fn)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.decisions = queue.Queue()
         self.stderr = queue.Queue()
         threading.Thread(target=self._pump, args=(self.proc.stdout, self.decisions), daemon=True).start()
