@@ -152,6 +152,10 @@ mod tests {
 @id("issuer-any") permit (principal in Oidc::Issuer::"https://issuer.example", action, resource);
 @id("anon-options") permit (principal == Warden::Anonymous::"anonymous", action == Action::"OPTIONS", resource);
 @id("role-is") permit (principal is Aws::Role, action == Action::"PATCH", resource in Http::Path::"/admin/");
+@id("glass") permit (principal, action == Action::"DELETE", resource) when { context.headers.hasTag("x-break-glass") };
+@id("tenant") forbid (principal, action == Action::"PUT", resource) when { context.headers.hasTag("x-tenant") && context.headers.getTag("x-tenant").contains("evil") };
+@id("debug") permit (principal, action == Action::"HEAD", resource in Http::Path::"/sample/path/") when { context.query.hasTag("debug") };
+@id("no-dir") forbid (principal, action == Action::"GET", resource in Http::Path::"/admin") when { context.query.hasTag("debug") };
 "#,
         );
         for i in 0..50 {
@@ -164,46 +168,64 @@ mod tests {
 
     #[test]
     fn the_index_decides_as_cedar_does_over_the_whole_set() {
-        let set = snapshot(SHIPPED, &policies());
-        let headers = http::HeaderMap::new();
+        // The second set computes a tag key, so every tag is built for it.
+        let computed = "@id(\"computed\") permit (principal, action == Action::\"PATCH\", resource) when { context.headers.hasTag(context.host) };\n";
+        let mut some_headers = http::HeaderMap::new();
+        for (k, v) in [
+            ("x-break-glass", "1"),
+            ("x-tenant", "evil"),
+            ("host", "x-other"),
+            ("x-other", "1"),
+        ] {
+            some_headers.insert(k, http::HeaderValue::from_static(v));
+        }
+        let mut other_tenant = some_headers.clone();
+        other_tenant.insert("x-tenant", http::HeaderValue::from_static("good"));
         let (mut allowed, mut forbidden, mut failed) = (0, 0, 0);
-        for kind in 0..crate::authz::request::KINDS {
-            let mut s = fullest(kind).expect("sample");
-            if kind == 5 {
-                s.identity.method = "none";
-            }
-            for method in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
-                for path in ["/sample/path", "/admin/x", "/"] {
-                    let input = AuthzInput {
-                        identity: &s.identity,
-                        method,
-                        path,
-                        query: None,
-                        headers: &headers,
-                        host: None,
-                        conn: &s.conn,
-                        service: None,
-                        service_arn: None,
-                    };
-                    let d = set.decide(&input).map_err(|e: ProxyError| e.to_string());
-                    let d = d.expect("decide");
-                    let mut reasons = d.policies.clone();
-                    reasons.sort();
-                    let mut errs: Vec<String> = d
-                        .errors
-                        .iter()
-                        .filter_map(|e| e.split('`').nth(1).map(str::to_owned))
-                        .collect();
-                    errs.sort();
-                    let want = set.decide_reference(&input);
-                    assert_eq!(
-                        (d.allow, reasons.clone(), errs.clone()),
-                        want,
-                        "kind {kind} {method} {path}"
-                    );
-                    allowed += usize::from(d.allow);
-                    forbidden += usize::from(!d.allow && !reasons.is_empty());
-                    failed += usize::from(!errs.is_empty());
+        for set in [policies(), policies() + computed] {
+            let set = snapshot(SHIPPED, &set);
+            for kind in 0..crate::authz::request::KINDS {
+                let mut s = fullest(kind).expect("sample");
+                if kind == 5 {
+                    s.identity.method = "none";
+                }
+                for method in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+                    for path in ["/sample/path", "/admin/x", "/admin", "/"] {
+                        for headers in [&http::HeaderMap::new(), &some_headers, &other_tenant] {
+                            for query in [None, Some("debug=1&x=%41")] {
+                                let input = AuthzInput {
+                                    identity: &s.identity,
+                                    method,
+                                    path,
+                                    query,
+                                    headers,
+                                    host: headers.get("host").and_then(|h| h.to_str().ok()),
+                                    conn: &s.conn,
+                                    service: None,
+                                    service_arn: None,
+                                };
+                                let d = set.decide(&input).map_err(|e: ProxyError| e.to_string());
+                                let d = d.expect("decide");
+                                let mut reasons = d.policies.clone();
+                                reasons.sort();
+                                let mut errs: Vec<String> = d
+                                    .errors
+                                    .iter()
+                                    .filter_map(|e| e.split('`').nth(1).map(str::to_owned))
+                                    .collect();
+                                errs.sort();
+                                let want = set.decide_reference(&input);
+                                assert_eq!(
+                                    (d.allow, reasons.clone(), errs.clone()),
+                                    want,
+                                    "kind {kind} {method} {path} {headers:?} {query:?}"
+                                );
+                                allowed += usize::from(d.allow);
+                                forbidden += usize::from(!d.allow && !reasons.is_empty());
+                                failed += usize::from(!errs.is_empty());
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -55,7 +55,7 @@ fn located(file: &Path, src: &str, d: &dyn Diagnostic, msg: impl std::fmt::Displ
 /// for each principal kind whether its requests were proved to conform to
 /// the schema ([`shape`]) or must be validated one by one.
 struct Action {
-    entities: Vec<Arc<ast::Entity>>,
+    store: request::ActionStore,
     proved: [bool; request::KINDS],
     /// The policies that can apply to this action ([`index`]).
     slice: index::Slice,
@@ -68,7 +68,7 @@ pub struct PolicySnapshot {
     /// Method -> its action.
     actions: HashMap<String, Action>,
     names: request::Names,
-    reads: request::Reads,
+    needs: request::Needs,
     service_entity: Arc<ast::Entity>,
     /// The set's policies, as the slices index them.
     all: Arc<[ast::Policy]>,
@@ -219,22 +219,21 @@ impl PolicySnapshot {
             .find(|e| e.uid().id().unescaped() == "invoke")
             .map(|e| Arc::new(e.as_ref().clone()));
         let names = request::Names::new()?;
-        let texts: Vec<String> = policies.policies().map(ToString::to_string).collect();
-        let reads = request::Reads::of(texts.iter().map(String::as_str));
         let service_entity = names.service_entity(&service.name);
         let all = index::policies(policies.as_ref());
+        let needs = request::Needs::of(&all, names.path_type());
         let mut actions = HashMap::new();
         for e in action_entities.iter() {
             let id = e.uid().id().unescaped().to_owned();
             if id == "invoke" {
                 continue;
             }
-            let mut entities = vec![Arc::new(e.as_ref().clone())];
-            entities.extend(invoke.clone());
+            let store =
+                request::ActionStore::new(&names, Arc::new(e.as_ref().clone()), invoke.clone())?;
             let fixed = request::Fixed {
                 names: &names,
-                reads,
-                actions: &entities,
+                needs: &needs,
+                action: &store,
                 service: &service_entity,
                 service_arn: None,
                 network_arn: None,
@@ -244,7 +243,7 @@ impl PolicySnapshot {
             actions.insert(
                 id,
                 Action {
-                    entities,
+                    store,
                     proved,
                     slice,
                 },
@@ -254,7 +253,7 @@ impl PolicySnapshot {
             schema,
             policies,
             actions,
-            reads,
+            needs,
             service_entity,
             names,
             all,
@@ -284,8 +283,8 @@ impl PolicySnapshot {
         };
         let fixed = request::Fixed {
             names: &self.names,
-            reads: self.reads,
-            actions: &action.entities,
+            needs: &self.needs,
+            action: &action.store,
             service: &self.service_entity,
             service_arn: self.service_arn.as_deref(),
             network_arn: self.network_arn.as_deref(),
@@ -479,13 +478,15 @@ pub(crate) mod testing {
 
     impl PolicySnapshot {
         /// The same request decided by Cedar's own authorizer over the
-        /// whole set: (allow, reasons, failed policies), sorted.
+        /// whole set, with every tag and path prefix built whatever the
+        /// policies name: (allow, reasons, failed policies), sorted.
         pub fn decide_reference(&self, input: &AuthzInput<'_>) -> (bool, Vec<String>, Vec<String>) {
             let action = self.actions.get(input.method).expect("action");
+            let everything = request::Needs::all();
             let fixed = request::Fixed {
                 names: &self.names,
-                reads: self.reads,
-                actions: &action.entities,
+                needs: &everything,
+                action: &action.store,
                 service: &self.service_entity,
                 service_arn: self.service_arn.as_deref(),
                 network_arn: self.network_arn.as_deref(),

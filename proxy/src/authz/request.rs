@@ -8,11 +8,14 @@
 //! handed over with its ancestors already closed (the graph is a few fixed
 //! chains: principal → account → org, path → prefixes and service).
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use cedar_policy_core::ast::{
-    Context, Eid, Entity, EntityType, EntityUID, Name, PartialValue, Value,
+    BinaryOp, Context, Eid, Entity, EntityType, EntityUID, ExprKind, Literal, Name, PartialValue,
+    Policy, Value,
 };
 use cedar_policy_core::entities::{Entities, NoEntitiesSchema, TCComputation};
 use cedar_policy_core::extensions::Extensions;
@@ -84,6 +87,10 @@ impl Names {
         }
     }
 
+    pub(super) fn path_type(&self) -> &EntityType {
+        &self.path
+    }
+
     /// `Http::Service::"<name>"`, which every path is in.
     pub(super) fn service_entity(&self, name: &str) -> Arc<Entity> {
         Arc::new(Entity::with_uid(uid(&self.service, name)))
@@ -129,32 +136,126 @@ fn entity(
     ))
 }
 
-/// Which request data the policy set can read at all. A policy reaches a
-/// tag only by naming its entity (`context.headers`, `Http::Headers`), so a
-/// set whose text never names one cannot observe its tags, and they are not
-/// built.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Reads {
-    pub headers: bool,
-    pub query: bool,
-    pub claims: bool,
+/// What of the request a policy set can observe beyond its scope, read from
+/// the policies' syntax so that a request builds no more than that.
+///
+/// - A tag is reached only by `hasTag`/`getTag`. When every key they are given
+///   is a string literal, only tags with those keys are built; with no key at
+///   all, the tag entities are left out too (on a missing entity `hasTag` is
+///   false and `has` false, as on an empty one; `getTag` and attribute access
+///   fail either way).
+/// - A path prefix is observable only as the right side of `in`, where it can
+///   only come from an `Http::Path` literal or a template slot: request data
+///   holds no path entities. Prefixes no policy names are not built.
+#[derive(Debug, Default)]
+pub(super) struct Needs {
+    /// The tag keys, or `None` when some key is computed.
+    tags: Option<HashSet<String>>,
+    /// The `Http::Path` ids named, or `None` when a slot may name any.
+    paths: Option<HashSet<String>>,
 }
 
-impl Reads {
-    /// Conservative: any mention, in any case, counts.
-    pub(super) fn of<'a>(texts: impl IntoIterator<Item = &'a str>) -> Self {
-        let mut reads = Self {
-            headers: false,
-            query: false,
-            claims: false,
-        };
-        for text in texts {
-            let text = text.to_ascii_lowercase();
-            reads.headers |= text.contains("headers");
-            reads.query |= text.contains("query");
-            reads.claims |= text.contains("claims");
+impl Needs {
+    pub(super) fn of(policies: &[Policy], path: &EntityType) -> Self {
+        let mut tags = Some(HashSet::new());
+        let mut paths = Some(HashSet::new());
+        for policy in policies {
+            let condition = policy.condition();
+            for e in condition.subexpressions() {
+                match e.expr_kind() {
+                    ExprKind::BinaryApp {
+                        op: BinaryOp::HasTag | BinaryOp::GetTag,
+                        arg2,
+                        ..
+                    } => match (arg2.expr_kind(), &mut tags) {
+                        (ExprKind::Lit(Literal::String(key)), Some(keys)) => {
+                            keys.insert(key.to_string());
+                        }
+                        (ExprKind::Lit(Literal::String(_)), None) => {}
+                        _ => tags = None,
+                    },
+                    ExprKind::Lit(Literal::EntityUID(uid)) if uid.entity_type() == path => {
+                        if let Some(paths) = &mut paths {
+                            paths.insert(uid.eid().as_ref().to_owned());
+                        }
+                    }
+                    ExprKind::Slot(_) => paths = None,
+                    _ => {}
+                }
+            }
         }
-        reads
+        Self { tags, paths }
+    }
+
+    /// Everything, as if no policy were known: what the tests compare with.
+    #[cfg(test)]
+    pub(super) fn all() -> Self {
+        Self {
+            tags: None,
+            paths: None,
+        }
+    }
+
+    fn tag(&self, key: &str) -> bool {
+        self.tags.as_ref().is_none_or(|keys| keys.contains(key))
+    }
+
+    fn any_tag(&self) -> bool {
+        self.tags.as_ref().is_none_or(|keys| !keys.is_empty())
+    }
+
+    fn path(&self, id: &str) -> bool {
+        self.paths.as_ref().is_none_or(|ids| ids.contains(id))
+    }
+}
+
+/// How many entities a request adds at most: the principal and two
+/// ancestors, the service, the path, and three tag entities.
+const ROOM: usize = 8;
+
+/// A method's action, and the entity store every request of that method
+/// starts from: the action and the `Action::"invoke"` group it is in, with
+/// room for a request's own entities so that adding them never grows the
+/// table. (A cloned table keeps its capacity; removing entries never shrinks
+/// it.)
+pub(super) struct ActionStore {
+    uid: EntityUID,
+    store: Entities,
+}
+
+impl ActionStore {
+    pub(super) fn new(
+        names: &Names,
+        action: Arc<Entity>,
+        invoke: Option<Arc<Entity>>,
+    ) -> Result<Self, String> {
+        let uid = action.uid().clone();
+        let room: Vec<EntityUID> = (0..ROOM)
+            .map(|i| self::uid(&names.anonymous, &format!("room-{i}")))
+            .collect();
+        let add = |store: Entities, entities: Vec<Arc<Entity>>| {
+            store
+                .add_entities(
+                    entities,
+                    None::<&NoEntitiesSchema>,
+                    TCComputation::AssumeAlreadyComputed,
+                    Extensions::all_available(),
+                )
+                .map_err(|e| e.to_string())
+        };
+        let store = add(
+            Entities::new(),
+            [action].into_iter().chain(invoke).collect(),
+        )?;
+        let store = add(
+            store,
+            room.iter()
+                .map(|u| Arc::new(Entity::with_uid(u.clone())))
+                .collect(),
+        )?
+        .remove_entities(room, TCComputation::AssumeAlreadyComputed)
+        .map_err(|e| e.to_string())?;
+        Ok(Self { uid, store })
     }
 }
 
@@ -171,9 +272,9 @@ pub(super) struct Built {
 #[derive(Clone, Copy)]
 pub(super) struct Fixed<'a> {
     pub names: &'a Names,
-    pub reads: Reads,
-    /// The action and the `Action::"invoke"` group it is in.
-    pub actions: &'a [Arc<Entity>],
+    pub needs: &'a Needs,
+    /// The action, and the store its requests start from.
+    pub action: &'a ActionStore,
     /// `Http::Service::"<[service] name>"`.
     pub service: &'a Arc<Entity>,
     pub service_arn: Option<&'a str>,
@@ -182,24 +283,22 @@ pub(super) struct Fixed<'a> {
 
 pub(super) fn build(fixed: &Fixed<'_>, input: &AuthzInput<'_>) -> Result<Built, String> {
     let names = fixed.names;
-    let action = fixed
-        .actions
-        .first()
-        .map(|a| a.uid().clone())
-        .ok_or("no action entity")?;
-    let mut entities: Vec<Arc<Entity>> = Vec::with_capacity(12);
-    entities.extend(fixed.actions.iter().cloned());
+    let action = fixed.action.uid.clone();
+    let mut entities: Vec<Arc<Entity>> = Vec::with_capacity(ROOM);
     let principal = principal_entities(names, input.identity, &mut entities);
     let service = match input.service {
         Some(name) => names.service_entity(name),
         None => fixed.service.clone(),
     };
-    let resource = path_entity(names, input.path, service.uid().clone());
+    let resource = path_entity(names, fixed.needs, input.path, service.uid().clone());
     entities.push(service);
     let resource_uid = resource.uid().clone();
     entities.push(resource);
     let context = context(fixed, input, &mut entities)?;
-    let entities = Entities::new()
+    let entities = fixed
+        .action
+        .store
+        .clone()
         .add_entities(
             entities,
             None::<&NoEntitiesSchema>,
@@ -271,16 +370,22 @@ fn principal_entities(names: &Names, identity: &Identity, out: &mut Vec<Arc<Enti
 
 /// The resource `Http::Path::"<path>"`, in its segment-aware prefixes and in
 /// the service. The prefixes are ancestors only: no policy can tell them
-/// apart from entities with no parents of their own.
-fn path_entity(names: &Names, path: &str, service: EntityUID) -> Arc<Entity> {
-    let mut parents = HashSet::with_capacity(8);
+/// apart from entities with no parents of their own; and only those the
+/// policies name ([`Needs`]).
+fn path_entity(names: &Names, needs: &Needs, path: &str, service: EntityUID) -> Arc<Entity> {
+    let mut parents = HashSet::with_capacity(4);
     parents.insert(service);
     if !path.ends_with('/') {
-        parents.insert(uid(&names.path, &format!("{path}/")));
+        let mut dir = String::with_capacity(path.len() + 1);
+        dir.push_str(path);
+        dir.push('/');
+        if needs.path(&dir) {
+            parents.insert(uid(&names.path, &dir));
+        }
     }
     for (i, _) in path.match_indices('/') {
         let prefix = &path[..=i];
-        if prefix != path {
+        if prefix != path && needs.path(prefix) {
             parents.insert(uid(&names.path, prefix));
         }
     }
@@ -292,25 +397,56 @@ fn set(values: &[String]) -> Value {
 }
 
 /// A tag entity (`Http::Headers`, `Http::Query`, `Warden::Claims`) named
-/// `"request"`; its tags only when the policy set reads them.
+/// `"request"`, with the tags the policy set can ask for ([`Needs`]).
 fn tag_entity(
     ty: &EntityType,
-    read: bool,
-    tags: impl FnOnce() -> BTreeMap<String, Vec<String>>,
+    needs: &Needs,
+    tags: impl FnOnce(&dyn Fn(&str) -> bool) -> BTreeMap<String, Vec<String>>,
     out: &mut Vec<Arc<Entity>>,
 ) -> Value {
     let me = uid(ty, "request");
-    let tags = if read {
-        tags().into_iter().map(|(k, vs)| (k, set(&vs))).collect()
-    } else {
-        BTreeMap::new()
-    };
-    out.push(entity(me.clone(), [], [], tags));
+    if needs.any_tag() {
+        let tags = tags(&|key| needs.tag(key))
+            .into_iter()
+            .map(|(k, vs)| (k, set(&vs)))
+            .collect();
+        out.push(entity(me.clone(), [], [], tags));
+    }
     Value::from(me)
 }
 
 fn record<'a>(fields: impl IntoIterator<Item = (&'a str, Value)>) -> Value {
     Value::record(fields, None)
+}
+
+/// `ip("<addr>")`. The last one is kept per thread: a workload's callers
+/// come from few addresses, and parsing one costs more than the rest of
+/// the context.
+fn source_ip(names: &Names, addr: IpAddr) -> Result<Value, String> {
+    thread_local! {
+        static LAST: RefCell<Option<(IpAddr, Value)>> = const { RefCell::new(None) };
+    }
+    let hit = LAST.with(|last| {
+        let last = last.try_borrow().ok()?;
+        last.as_ref()
+            .filter(|(a, _)| *a == addr)
+            .map(|(_, v)| v.clone())
+    });
+    if let Some(v) = hit {
+        return Ok(v);
+    }
+    let v = Extensions::all_available()
+        .func(&names.ip)
+        .map_err(|e| e.to_string())?
+        .call(&[Value::from(addr.to_string())])
+        .map_err(|e| e.to_string())
+        .and_then(|v| Value::try_from(v).map_err(|e| e.to_string()))?;
+    LAST.with(|last| {
+        if let Ok(mut last) = last.try_borrow_mut() {
+            *last = Some((addr, v.clone()));
+        }
+    });
+    Ok(v)
 }
 
 fn context(
@@ -320,23 +456,18 @@ fn context(
 ) -> Result<Context, String> {
     let names = fixed.names;
     let s = |v: &str| Value::from(v);
-    let source_ip = Extensions::all_available()
-        .func(&names.ip)
-        .map_err(|e| e.to_string())?
-        .call(&[Value::from(input.conn.peer.ip().to_string())])
-        .map_err(|e| e.to_string())
-        .and_then(|v| Value::try_from(v).map_err(|e| e.to_string()))?;
-    let reads = fixed.reads;
+    let source_ip = source_ip(names, input.conn.peer.ip())?;
+    let needs = fixed.needs;
     let headers = tag_entity(
         &names.headers,
-        reads.headers,
-        || header_tags(input.headers),
+        needs,
+        |wanted| header_tags(input.headers, wanted),
         entities,
     );
     let query = tag_entity(
         &names.query,
-        reads.query,
-        || query_tags(input.query),
+        needs,
+        |wanted| query_tags(input.query, wanted),
         entities,
     );
     let mut ctx: BTreeMap<_, Value> = BTreeMap::new();
@@ -386,8 +517,15 @@ fn context(
     if let Some(claims) = &input.identity.jwt {
         let selected = tag_entity(
             &names.claims,
-            reads.claims,
-            || claims.selected.clone(),
+            needs,
+            |wanted| {
+                claims
+                    .selected
+                    .iter()
+                    .filter(|(k, _)| wanted(k))
+                    .map(|(k, vs)| (k.clone(), vs.clone()))
+                    .collect()
+            },
             entities,
         );
         let mut rec = vec![
@@ -419,10 +557,17 @@ fn context(
     Ok(Context::Value(Arc::new(ctx)))
 }
 
-/// Header name -> all its values (values that are not UTF-8 are left out).
-fn header_tags(headers: &HeaderMap) -> BTreeMap<String, Vec<String>> {
+/// Header name -> all its values (values that are not UTF-8 are left out),
+/// for the `wanted` names.
+fn header_tags(
+    headers: &HeaderMap,
+    wanted: &dyn Fn(&str) -> bool,
+) -> BTreeMap<String, Vec<String>> {
     let mut tags: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, value) in headers {
+        if !wanted(name.as_str()) {
+            continue;
+        }
         if let Ok(v) = value.to_str() {
             tags.entry(name.as_str().to_owned())
                 .or_default()
@@ -432,8 +577,8 @@ fn header_tags(headers: &HeaderMap) -> BTreeMap<String, Vec<String>> {
     tags
 }
 
-/// Query key -> all its values, percent-decoded.
-fn query_tags(query: Option<&str>) -> BTreeMap<String, Vec<String>> {
+/// Query key -> all its values, percent-decoded, for the `wanted` keys.
+fn query_tags(query: Option<&str>, wanted: &dyn Fn(&str) -> bool) -> BTreeMap<String, Vec<String>> {
     let mut tags: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -442,7 +587,10 @@ fn query_tags(query: Option<&str>) -> BTreeMap<String, Vec<String>> {
                 .decode_utf8_lossy()
                 .into_owned()
         };
-        tags.entry(dec(k)).or_default().push(dec(v));
+        let key = dec(k);
+        if wanted(&key) {
+            tags.entry(key).or_default().push(dec(v));
+        }
     }
     tags
 }
@@ -451,30 +599,100 @@ fn query_tags(query: Option<&str>) -> BTreeMap<String, Vec<String>> {
 mod tests {
     use super::*;
 
+    fn needs(text: &str) -> Needs {
+        let set = cedar_policy_core::parser::parse_policyset(text).expect("policies");
+        let names = Names::new().expect("names");
+        Needs::of(&crate::authz::index::policies(&set), names.path_type())
+    }
+
+    fn keys(set: &Option<HashSet<String>>) -> Option<Vec<&str>> {
+        set.as_ref().map(|s| {
+            let mut v: Vec<&str> = s.iter().map(String::as_str).collect();
+            v.sort_unstable();
+            v
+        })
+    }
+
     #[test]
-    fn a_set_that_never_names_request_data_does_not_read_it() {
-        let r =
-            Reads::of(["permit (principal, action, resource) when { context.authn == \"mtls\" };"]);
-        assert!(!r.headers && !r.query && !r.claims);
-        // Every way to reach a tag entity names it: attribute, index, type.
-        for (text, headers, query, claims) in [
-            ("context.headers.hasTag(\"x\")", true, false, false),
-            ("context[\"Headers\"].hasTag(\"x\")", true, false, false),
-            ("Http::Query::\"request\".getTag(\"a\")", false, true, false),
-            ("context.jwt.claims.hasTag(\"groups\")", false, false, true),
-            (
-                "Warden::Claims::\"request\".hasTag(\"g\")",
-                false,
-                false,
-                true,
-            ),
+    fn a_set_needs_only_the_tags_and_path_prefixes_it_names() {
+        let n = needs(
+            r#"
+permit (principal, action, resource in Http::Path::"/api/") when { context.headers.hasTag("x-a") };
+permit (principal, action, resource) when {
+  context.query.getTag("q") == "1" && resource in [Http::Path::"/b/", Http::Service::"/c/"]
+};
+"#,
+        );
+        assert_eq!(keys(&n.tags), Some(vec!["q", "x-a"]));
+        assert_eq!(keys(&n.paths), Some(vec!["/api/", "/b/"]));
+        assert!(n.tag("x-a") && !n.tag("x-b") && n.any_tag());
+        assert!(n.path("/api/") && !n.path("/c/"));
+
+        let none =
+            needs(r#"permit (principal, action, resource) when { context.authn == "mtls" };"#);
+        assert!(!none.any_tag() && !none.path("/"));
+    }
+
+    #[test]
+    fn a_computed_tag_key_or_a_template_slot_needs_everything() {
+        let n = needs(
+            r#"permit (principal, action, resource) when { context.headers.hasTag(context.method) };"#,
+        );
+        assert_eq!(n.tags, None);
+        assert!(n.tag("anything") && n.any_tag());
+        // A linked template: its slot's value is not in the text.
+        let mut set = cedar_policy_core::parser::parse_policyset(
+            r#"permit (principal, action, resource in ?resource);"#,
+        )
+        .expect("template");
+        let template = set.templates().next().expect("template").id().clone();
+        let value: EntityUID = r#"Http::Path::"/linked/""#.parse().expect("uid");
+        set.link(
+            template,
+            cedar_policy_core::ast::PolicyID::from_string("linked"),
+            [(cedar_policy_core::ast::SlotId::resource(), value)].into(),
+        )
+        .expect("link");
+        let names = Names::new().expect("names");
+        let n = Needs::of(&crate::authz::index::policies(&set), names.path_type());
+        assert_eq!(n.paths, None);
+        assert!(n.path("/any/"));
+    }
+
+    #[test]
+    fn the_source_address_is_the_connection_peer_on_every_request() {
+        let set = crate::authz::testing::snapshot(
+            crate::authz::testing::SHIPPED,
+            r#"permit (principal, action, resource) when { context.source_ip.isInRange(ip("10.0.0.0/8")) };"#,
+        );
+        let mut s = crate::authz::shape::fullest(0).expect("sample");
+        let headers = HeaderMap::new();
+        // Alternating addresses on one thread: the kept value is never
+        // another address's.
+        for (peer, allowed) in [
+            ([10, 1, 2, 3], true),
+            ([192, 168, 1, 1], false),
+            ([192, 168, 1, 1], false),
+            ([10, 9, 9, 9], true),
+            ([11, 0, 0, 1], false),
         ] {
-            let r = Reads::of(["permit (principal, action, resource);", text]);
-            assert_eq!(
-                (r.headers, r.query, r.claims),
-                (headers, query, claims),
-                "{text}"
-            );
+            s.conn.peer = std::net::SocketAddr::from((peer, 40000));
+            let input = AuthzInput {
+                identity: &s.identity,
+                method: "GET",
+                path: "/",
+                query: None,
+                headers: &headers,
+                host: None,
+                conn: &s.conn,
+                service: None,
+                service_arn: None,
+            };
+            let d = set
+                .decide(&input)
+                .map_err(|e| e.to_string())
+                .expect("decide");
+            assert_eq!(d.allow, allowed, "{peer:?}");
         }
     }
 }
