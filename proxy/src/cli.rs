@@ -130,11 +130,19 @@ fn init_logs() {
         .try_init();
 }
 
+/// `workers` threads serving connections (unset: one per available core).
+/// One worker is a current-thread runtime, as linkerd2-proxy runs on one
+/// core: no work stealing, and a task woken by another is not handed
+/// across threads.
 fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime, String> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
+    let n = workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut b = if n <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
         b.worker_threads(n);
-    }
+        b
+    };
     b.enable_all().build().map_err(|e| format!("runtime: {e}"))
 }
 
@@ -178,7 +186,14 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            rt.block_on(run(cfg))
+            let log = crate::audit::DecisionLog::stdout();
+            let code = rt.block_on(run(cfg, log.clone()));
+            // Outside the runtime: this may wait on the writer thread.
+            log.flush();
+            if code == ExitCode::SUCCESS {
+                tracing::info!("stopped");
+            }
+            code
         }
         Command::Authorize {
             config,
@@ -450,8 +465,7 @@ fn sts_token(
         .map_err(|e| e.to_string())
 }
 
-async fn run(cfg: Config) -> ExitCode {
-    let log = crate::audit::DecisionLog::stdout();
+async fn run(cfg: Config, log: crate::audit::DecisionLog) -> ExitCode {
     let app = match crate::app::App::bind(cfg, log.clone()).await {
         Ok(app) => app,
         Err(e) => {
@@ -466,8 +480,6 @@ async fn run(cfg: Config) -> ExitCode {
         "warden listening"
     );
     app.run(shutdown_signal()).await;
-    tokio::task::block_in_place(|| log.flush());
-    tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 

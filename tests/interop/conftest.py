@@ -346,7 +346,10 @@ class Env:
         jwks = {"keys": [k["public"] for k in self.workload_keys.values()]}
         self.key_server = KeyServer(d, {"/eks/keys": jwks, "/spire/keys": jwks})
         self.sts = MotoSts()
-        self.warden = Warden(d, self.upstream.port, self.key_server.port, self.sts.port)
+        # One worker: the suite runs on the current-thread runtime; the other
+        # wardens it starts use the default, one worker per core.
+        self.warden = Warden(d, self.upstream.port, self.key_server.port, self.sts.port,
+                             extra="[runtime]\nworkers = 1\n")
         self.host = f"localhost:{self.warden.port}"
 
     def tls(self):
