@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cedar_policy_core::ast::{
-    ActionConstraint, Effect, Entity, EntityReference, EntityUID, Policy, PolicyID,
-    PrincipalOrResourceConstraint, Request,
+    ActionConstraint, Effect, Entity, EntityReference, EntityUID, Expr, Literal, Policy, PolicyID,
+    PrincipalOrResourceConstraint, Request, ValueKind,
 };
 use cedar_policy_core::authorizer::AuthorizationError;
 use cedar_policy_core::entities::{Dereference, Entities};
@@ -49,9 +49,9 @@ fn admits(constraint: &ActionConstraint, action: &Entity) -> bool {
 
 impl Slice {
     /// The policies that can apply to `action`.
-    pub(super) fn new(policies: &[Policy], action: &Entity) -> Self {
+    pub(super) fn new(policies: &[Compiled], action: &Entity) -> Self {
         let mut slice = Self::default();
-        for (i, p) in policies.iter().enumerate() {
+        for (i, Compiled { policy: p, .. }) in policies.iter().enumerate() {
             if !admits(p.action_constraint(), action) {
                 continue;
             }
@@ -88,7 +88,7 @@ impl Slice {
     /// Evaluates the candidates for `request`.
     pub(super) fn authorize(
         &self,
-        policies: &[Policy],
+        policies: &[Compiled],
         principal: &EntityUID,
         request: Request,
         entities: &Entities,
@@ -98,8 +98,22 @@ impl Slice {
         let mut permits = Vec::new();
         let mut forbids = Vec::new();
         let mut errors = Vec::new();
-        for p in candidates.into_iter().filter_map(|i| policies.get(i)) {
-            match eval.evaluate(p) {
+        for Compiled {
+            policy: p,
+            condition,
+        } in candidates.into_iter().filter_map(|i| policies.get(i))
+        {
+            // What `Evaluator::evaluate` does, without rebuilding the
+            // condition. A condition is a conjunction, so its value is a
+            // boolean; anything else is left to Cedar's own path.
+            let satisfied = match eval.interpret(condition, p.env()) {
+                Ok(v) => match v.value_kind() {
+                    ValueKind::Lit(Literal::Bool(b)) => Ok(*b),
+                    _ => eval.evaluate(p),
+                },
+                Err(error) => Err(error),
+            };
+            match satisfied {
                 Ok(true) => match p.effect() {
                     Effect::Permit => permits.push(p.id().clone()),
                     Effect::Forbid => forbids.push(p.id().clone()),
@@ -124,9 +138,21 @@ impl Slice {
     }
 }
 
+/// A policy and its condition (scope and body as one expression), built
+/// once: Cedar's `Evaluator::evaluate` rebuilds it on every call.
+pub(super) struct Compiled {
+    pub policy: Policy,
+    pub condition: Expr,
+}
+
 /// The set's policies, in a vector the slices index.
-pub(super) fn policies(set: &cedar_policy_core::ast::PolicySet) -> Arc<[Policy]> {
-    set.policies().cloned().collect()
+pub(super) fn policies(set: &cedar_policy_core::ast::PolicySet) -> Arc<[Compiled]> {
+    set.policies()
+        .map(|p| Compiled {
+            condition: p.condition(),
+            policy: p.clone(),
+        })
+        .collect()
 }
 
 #[cfg(test)]

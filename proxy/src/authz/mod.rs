@@ -71,7 +71,7 @@ pub struct PolicySnapshot {
     needs: request::Needs,
     service_entity: Arc<ast::Entity>,
     /// The set's policies, as the slices index them.
-    all: Arc<[ast::Policy]>,
+    all: Arc<[index::Compiled]>,
     /// Hash of the active set, for the decision log.
     pub hash: Arc<str>,
     /// Digest of everything the set was loaded from (schema included), so a

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use cedar_policy_core::ast::{
     BinaryOp, Context, Eid, Entity, EntityType, EntityUID, ExprKind, Literal, Name, PartialValue,
-    Policy, Value,
+    Value,
 };
 use cedar_policy_core::entities::{Entities, NoEntitiesSchema, TCComputation};
 use cedar_policy_core::extensions::Extensions;
@@ -156,12 +156,11 @@ pub(super) struct Needs {
 }
 
 impl Needs {
-    pub(super) fn of(policies: &[Policy], path: &EntityType) -> Self {
+    pub(super) fn of(policies: &[super::index::Compiled], path: &EntityType) -> Self {
         let mut tags = Some(HashSet::new());
         let mut paths = Some(HashSet::new());
         for policy in policies {
-            let condition = policy.condition();
-            for e in condition.subexpressions() {
+            for e in policy.condition.subexpressions() {
                 match e.expr_kind() {
                     ExprKind::BinaryApp {
                         op: BinaryOp::HasTag | BinaryOp::GetTag,
