@@ -146,7 +146,9 @@ fn entity(
 ///   fail either way).
 /// - A path prefix is observable only as the right side of `in`, where it can
 ///   only come from an `Http::Path` literal or a template slot: request data
-///   holds no path entities. Prefixes no policy names are not built.
+///   holds no path entities, and actions hold no attributes (the Cedar schema
+///   format, the one warden loads, cannot declare any). Prefixes no policy
+///   names are not built.
 #[derive(Debug, Default)]
 pub(super) struct Needs {
     /// The tag keys, or `None` when some key is computed.
