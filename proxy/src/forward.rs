@@ -161,14 +161,18 @@ impl Forward {
     /// The connector ignores the URI's host (the socket is fixed); it names
     /// the request's host so HTTP/2 upstreams get it as `:authority`.
     fn target(uri: &Uri, host: Option<&HeaderValue>) -> Result<Uri, ProxyError> {
-        let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
         let authority = host
-            .and_then(|h| h.to_str().ok())
-            .filter(|h| h.parse::<http::uri::Authority>().is_ok())
-            .unwrap_or("upstream");
-        format!("http://{authority}{pq}")
-            .parse()
-            .map_err(|_| ProxyError::bad_request("malformed request target"))
+            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+            .unwrap_or_else(|| http::uri::Authority::from_static("upstream"));
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(authority);
+        parts.path_and_query = Some(
+            uri.path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        Uri::from_parts(parts).map_err(|_| ProxyError::bad_request("malformed request target"))
     }
 }
 
@@ -284,5 +288,37 @@ impl Service<Request<Body>> for Forward {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_target_keeps_path_and_query_and_takes_a_valid_host_only() {
+        let uri: Uri = "/a/b?x=1&y=%2F".parse().unwrap();
+        let host = HeaderValue::from_static("orders.local:8080");
+        assert_eq!(
+            Forward::target(&uri, Some(&host)).unwrap(),
+            "http://orders.local:8080/a/b?x=1&y=%2F"
+        );
+        assert_eq!(
+            Forward::target(&uri, None).unwrap(),
+            "http://upstream/a/b?x=1&y=%2F"
+        );
+        for bad in ["a b", "[::1", "h/ost", ""] {
+            let host = HeaderValue::from_str(bad).unwrap();
+            assert_eq!(
+                Forward::target(&uri, Some(&host)).unwrap(),
+                "http://upstream/a/b?x=1&y=%2F",
+                "{bad:?}"
+            );
+        }
+        let absolute: Uri = "http://elsewhere.example/p".parse().unwrap();
+        assert_eq!(
+            Forward::target(&absolute, Some(&host)).unwrap(),
+            "http://orders.local:8080/p"
+        );
     }
 }

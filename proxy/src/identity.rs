@@ -88,7 +88,7 @@ pub fn lattice_identity(identity: &Identity) -> Option<String> {
     let principal = match &identity.principal {
         Principal::Aws(p) => p.arn.clone(),
         Principal::Anonymous => String::new(),
-        other => other.uid().1,
+        other => other.uid().1.into_owned(),
     };
     if !principal.is_empty() {
         out.push_str("Principal=");

@@ -172,7 +172,7 @@ impl Issuer {
 #[derive(Clone)]
 struct Cached {
     principal: Principal,
-    claims: Claims,
+    claims: Arc<Claims>,
     generation: u64,
 }
 
@@ -306,7 +306,7 @@ impl JwtVerifier {
     }
 
     /// Verifies `token` and maps it to a principal.
-    pub async fn verify(&self, token: &str) -> Result<(Principal, Claims), JwtError> {
+    pub async fn verify(&self, token: &str) -> Result<(Principal, Arc<Claims>), JwtError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(JwtError::TooLarge);
         }
@@ -370,6 +370,7 @@ impl JwtVerifier {
         }
         let (principal, claims) =
             verify_with(issuer, &keys, token, alg, header.kid.as_deref(), now)?;
+        let claims = Arc::new(claims);
         if !self.cache_enabled {
             return Ok((principal, claims));
         }
@@ -530,10 +531,10 @@ mod tests {
     fn cached(exp: u64, generation: u64) -> Cached {
         Cached {
             principal: Principal::Anonymous,
-            claims: Claims {
+            claims: Arc::new(Claims {
                 exp,
                 ..Claims::default()
-            },
+            }),
             generation,
         }
     }

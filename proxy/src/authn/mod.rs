@@ -11,6 +11,7 @@ pub mod mtls;
 pub mod sigv4;
 pub mod sts;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
@@ -110,21 +111,24 @@ pub enum Principal {
 
 impl Principal {
     /// Entity type and id.
-    pub fn uid(&self) -> (&'static str, String) {
+    pub fn uid(&self) -> (&'static str, Cow<'_, str>) {
         match self {
             Self::Aws(p) => (
                 match p.kind {
                     AwsKind::Role => "Aws::Role",
                     AwsKind::User => "Aws::User",
                 },
-                p.arn.clone(),
+                Cow::Borrowed(&p.arn),
             ),
-            Self::Spiffe(id) => ("Spiffe::Id", id.to_string()),
+            Self::Spiffe(id) => ("Spiffe::Id", Cow::Borrowed(id.as_str())),
             Self::K8s {
                 namespace, name, ..
-            } => ("K8s::ServiceAccount", format!("{namespace}/{name}")),
-            Self::Oidc { sub, .. } => ("Oidc::Subject", sub.clone()),
-            Self::Anonymous => ("Warden::Anonymous", "anonymous".to_owned()),
+            } => (
+                "K8s::ServiceAccount",
+                Cow::Owned(format!("{namespace}/{name}")),
+            ),
+            Self::Oidc { sub, .. } => ("Oidc::Subject", Cow::Borrowed(sub)),
+            Self::Anonymous => ("Warden::Anonymous", Cow::Borrowed("anonymous")),
         }
     }
 
@@ -164,7 +168,8 @@ pub struct Identity {
     /// `"sigv4"`, `"jwt"`, `"mtls"` or `"none"`.
     pub method: &'static str,
     pub aws: Option<AwsFacts>,
-    pub jwt: Option<jwt::Claims>,
+    /// Shared with the verified-token cache.
+    pub jwt: Option<Arc<jwt::Claims>>,
 }
 
 impl Identity {

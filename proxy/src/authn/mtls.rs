@@ -8,11 +8,14 @@ use std::fmt;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-/// A SPIFFE ID: `spiffe://<trust domain>/<path>`.
+/// A SPIFFE ID: `spiffe://<trust domain>/<path>`, kept as its text (the
+/// form policies, headers and logs use on every request) and where its
+/// trust domain ends.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SpiffeId {
-    trust_domain: String,
-    path: String,
+    uri: Box<str>,
+    /// The end of the trust domain in `uri`.
+    td_end: usize,
 }
 
 impl SpiffeId {
@@ -53,19 +56,24 @@ impl SpiffeId {
             }
         }
         Ok(Self {
-            trust_domain: td.to_owned(),
-            path: path.to_owned(),
+            uri: s.into(),
+            td_end: "spiffe://".len() + td.len(),
         })
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
+        self.uri.get("spiffe://".len()..self.td_end).unwrap_or("")
+    }
+
+    /// The ID as written: `spiffe://<trust domain><path>`.
+    pub fn as_str(&self) -> &str {
+        &self.uri
     }
 }
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}{}", self.trust_domain, self.path)
+        f.write_str(&self.uri)
     }
 }
 

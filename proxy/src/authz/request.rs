@@ -491,12 +491,8 @@ fn context(
     }
     if let Some(tls) = &input.conn.tls {
         let mut rec = vec![("version", s(tls.version))];
-        let peer = match &tls.peer {
-            Some(crate::trace::PeerCert::Spiffe(id)) => Some(id.to_string()),
-            _ => None,
-        };
-        if let Some(id) = &peer {
-            rec.push(("peer_spiffe_id", s(id)));
+        if let Some(crate::trace::PeerCert::Spiffe(id)) = &tls.peer {
+            rec.push(("peer_spiffe_id", s(id.as_str())));
         }
         put("tls", record(rec));
     }

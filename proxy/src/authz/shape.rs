@@ -16,6 +16,8 @@
 //! attribute, the fullest context without it, exercises every check any real
 //! context can meet.
 
+use std::sync::Arc;
+
 use cedar_policy_core::ast;
 use cedar_policy_core::extensions::Extensions;
 use cedar_policy_core::validator::ValidatorSchema;
@@ -76,7 +78,7 @@ pub(super) fn fullest(kind: usize) -> Result<Sample, String> {
                 tags: [("team".to_owned(), "orders".to_owned())].into(),
                 presigned: false,
             }),
-            jwt: Some(Claims {
+            jwt: Some(Arc::new(Claims {
                 iss: "https://issuer.example".into(),
                 sub: some("sub"),
                 aud: vec!["orders".into()],
@@ -88,7 +90,7 @@ pub(super) fn fullest(kind: usize) -> Result<Sample, String> {
                     service_account_uid: some("sa-uid"),
                 }),
                 selected: [("groups".to_owned(), vec!["g".to_owned()])].into(),
-            }),
+            })),
         },
         conn: ConnInfo {
             peer: ([127, 0, 0, 1], 1).into(),
@@ -106,7 +108,11 @@ pub(super) fn fullest(kind: usize) -> Result<Sample, String> {
 }
 
 fn k8s(s: &mut Sample) -> Option<&mut K8sClaims> {
-    s.identity.jwt.as_mut()?.kubernetes.as_mut()
+    jwt(s)?.kubernetes.as_mut()
+}
+
+fn jwt(s: &mut Sample) -> Option<&mut Claims> {
+    s.identity.jwt.as_mut().map(Arc::make_mut)
 }
 
 /// Each takes one optional attribute away (a no-op where it is not there).
@@ -123,8 +129,8 @@ const REMOVALS: [fn(&mut Sample); 14] = [
         }
     },
     |s| s.identity.jwt = None,
-    |s| s.identity.jwt.iter_mut().for_each(|j| j.sub = None),
-    |s| s.identity.jwt.iter_mut().for_each(|j| j.kubernetes = None),
+    |s| jwt(s).into_iter().for_each(|j| j.sub = None),
+    |s| jwt(s).into_iter().for_each(|j| j.kubernetes = None),
     |s| k8s(s).into_iter().for_each(|k| k.namespace = None),
     |s| k8s(s).into_iter().for_each(|k| k.pod_name = None),
     |s| k8s(s).into_iter().for_each(|k| k.pod_uid = None),
