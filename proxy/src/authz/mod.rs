@@ -51,6 +51,84 @@ fn located(file: &Path, src: &str, d: &dyn Diagnostic, msg: impl std::fmt::Displ
     }
 }
 
+/// Parses and strictly validates one file's policies, in file order.
+fn parse_whole(
+    validator: &Validator,
+    file: &Path,
+    src: &str,
+) -> Result<Vec<cedar_policy::Policy>, String> {
+    let pset: PolicySet = src
+        .parse()
+        .map_err(|e: cedar_policy::ParseErrors| located(file, src, &e, &e))?;
+    if pset.templates().next().is_some() {
+        return Err(format!(
+            "{}: policy templates are not supported",
+            file.display()
+        ));
+    }
+    let result = validator.validate(&pset, ValidationMode::Strict);
+    if let Some(e) = result.validation_errors().next() {
+        return Err(located(file, src, e, e));
+    }
+    Ok(pset.policies().cloned().collect())
+}
+
+/// [`parse_whole`], one statement at a time: the parse tree of a whole file
+/// is several times the size of its policies (8 MB for 1 000 policies), and
+/// the allocator keeps what a peak took. Any error is reported by parsing
+/// the whole file, so that its line is the file's.
+fn parse_file(
+    validator: &Validator,
+    file: &Path,
+    src: &str,
+) -> Result<Vec<cedar_policy::Policy>, String> {
+    let mut out = Vec::new();
+    for statement in statements(src) {
+        match parse_whole(validator, file, statement) {
+            Ok(policies) => out.extend(policies),
+            Err(piece) => return Err(parse_whole(validator, file, src).err().unwrap_or(piece)),
+        }
+    }
+    Ok(out)
+}
+
+/// `src` cut after each `;` that ends a statement: one outside a string
+/// literal and a `//` comment, the only places Cedar's grammar allows any
+/// other `;`. The last piece is whatever follows the last `;`.
+fn statements(src: &str) -> impl Iterator<Item = &str> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum At {
+        Code,
+        Str,
+        Escape,
+        Slash,
+        Comment,
+    }
+    let mut at = At::Code;
+    let mut start = 0;
+    let mut cuts = Vec::new();
+    for (i, b) in src.bytes().enumerate() {
+        at = match (at, b) {
+            (At::Code | At::Slash, b'"') => At::Str,
+            (At::Code, b'/') => At::Slash,
+            (At::Slash, b'/') => At::Comment,
+            (At::Code | At::Slash, b';') => {
+                cuts.push(start..i + 1);
+                start = i + 1;
+                At::Code
+            }
+            (At::Code | At::Slash, _) => At::Code,
+            (At::Str, b'\\') => At::Escape,
+            (At::Str, b'"') => At::Code,
+            (At::Str, _) | (At::Escape, _) => At::Str,
+            (At::Comment, b'\n') => At::Code,
+            (At::Comment, _) => At::Comment,
+        };
+    }
+    cuts.push(start..src.len());
+    cuts.into_iter().filter_map(move |r| src.get(r))
+}
+
 /// One method's action entity, the `Action::"invoke"` group it is in, and
 /// for each principal kind whether its requests were proved to conform to
 /// the schema ([`shape`]) or must be validated one by one.
@@ -178,24 +256,12 @@ impl PolicySnapshot {
                     .unwrap_or_default(),
             );
             digest.update(src.as_bytes());
-            let pset: PolicySet = src
-                .parse()
-                .map_err(|e: cedar_policy::ParseErrors| located(file, src, &e, &e))?;
-            if pset.templates().next().is_some() {
-                return Err(format!(
-                    "{}: policy templates are not supported",
-                    file.display()
-                ));
-            }
-            let result = validator.validate(&pset, ValidationMode::Strict);
-            if let Some(e) = result.validation_errors().next() {
-                return Err(located(file, src, e, e));
-            }
+            let parsed = parse_file(&validator, file, src)?;
             let stem = file
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            for (index, policy) in pset.policies().enumerate() {
+            for (index, policy) in parsed.iter().enumerate() {
                 let name = policy
                     .annotation("id")
                     .map(str::to_owned)
@@ -526,5 +592,90 @@ pub(crate) mod testing {
                 failed,
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::SHIPPED;
+    use super::*;
+
+    #[test]
+    fn statements_end_only_at_a_semicolon_outside_strings_and_comments() {
+        let src = concat!(
+            "// a comment; with \"a quote\n",
+            "@id(\"a;b\") permit (principal, action, resource) when { context.path == \"/x;\\\";y\" };\n",
+            "forbid (principal, action, resource) // trailing; \"\n",
+            "  when { context.host like \"*;*\" };",
+            "\n// the end; \n"
+        );
+        let pieces: Vec<&str> = statements(src).collect();
+        assert_eq!(pieces.concat(), src);
+        assert_eq!(pieces.len(), 3, "{pieces:#?}");
+        assert!(pieces[0].ends_with("\" };"), "{:?}", pieces[0]);
+        assert!(pieces[1].ends_with("\"*;*\" };"), "{:?}", pieces[1]);
+        assert_eq!(pieces[2], "\n// the end; \n");
+        // An unterminated string or a missing `;` is one piece, left to
+        // the parser.
+        assert_eq!(statements("permit (\"a;").count(), 1);
+    }
+
+    #[test]
+    fn a_file_parsed_statement_by_statement_is_the_whole_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let schema_path = dir.path().join("schema.cedarschema");
+        std::fs::write(&schema_path, SHIPPED).expect("write");
+        let (schema, _) = Schema::from_cedarschema_str(SHIPPED).expect("schema");
+        let validator = Validator::new(schema);
+        let src = concat!(
+            "// leading; \"comment\"\n",
+            "permit (principal, action == Action::\"GET\", resource in Http::Path::\"/a;b/\");\n",
+            "@id(\"named\") forbid (principal, action, resource) when { context.path like \"*\\\";*\" };\n",
+            "permit (principal is Spiffe::Id, action, resource); // done; \"\n",
+        );
+        let file = dir.path().join("set.cedar");
+        let text = |ps: Vec<cedar_policy::Policy>| -> Vec<String> {
+            ps.iter().map(ToString::to_string).collect()
+        };
+        let whole = text(parse_whole(&validator, &file, src).expect("whole"));
+        assert_eq!(whole.len(), 3);
+        assert_eq!(
+            text(parse_file(&validator, &file, src).expect("pieces")),
+            whole
+        );
+
+        // An error is the whole file's, with the file's line.
+        let bad = format!("{src}\npermit (principal, action, resource) when {{ context.nope }};\n");
+        let err = parse_file(&validator, &file, &bad).expect_err("invalid");
+        assert!(err.contains("set.cedar:6: for policy `policy3`"), "{err}");
+        assert!(err.contains("attribute `nope`"), "{err}");
+        let unterminated = format!("{src}permit (principal, action, resource)");
+        assert!(parse_file(&validator, &file, &unterminated).is_err());
+        let template = format!("{src}permit (principal == ?principal, action, resource);");
+        assert!(parse_file(&validator, &file, &template)
+            .expect_err("template")
+            .contains("templates are not supported"));
+
+        // The snapshot names unnamed policies by their place in the file.
+        std::fs::write(&file, src).expect("write");
+        let snapshot = PolicySnapshot::load(
+            dir.path(),
+            &schema_path,
+            AuthzMode::Enforce,
+            &ServiceConfig::default(),
+        )
+        .expect("load");
+        let mut ids: Vec<String> = snapshot
+            .policies
+            .policies()
+            .map(|p| p.id().to_string())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, ["named", "set.cedar:0", "set.cedar:2"]);
+        let first = snapshot
+            .policies
+            .policy(&PolicyId::new("set.cedar:0"))
+            .expect("first");
+        assert!(first.to_string().contains("/a;b/"), "{first}");
     }
 }
