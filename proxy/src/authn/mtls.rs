@@ -8,6 +8,8 @@ use std::fmt;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+const SCHEME: &str = "spiffe://";
+
 /// A SPIFFE ID: `spiffe://<trust domain>/<path>`, kept as its text (the
 /// form policies, headers and logs use on every request) and where its
 /// trust domain ends.
@@ -26,7 +28,7 @@ impl SpiffeId {
         if s.len() > 2048 {
             return Err("spiffe id longer than 2048 bytes");
         }
-        let rest = s.strip_prefix("spiffe://").ok_or("not a spiffe:// uri")?;
+        let rest = s.strip_prefix(SCHEME).ok_or("not a spiffe:// uri")?;
         if rest.contains(['?', '#']) {
             return Err("spiffe id has a query or fragment");
         }
@@ -57,12 +59,12 @@ impl SpiffeId {
         }
         Ok(Self {
             uri: s.into(),
-            td_end: "spiffe://".len() + td.len(),
+            td_end: SCHEME.len() + td.len(),
         })
     }
 
     pub fn trust_domain(&self) -> &str {
-        self.uri.get("spiffe://".len()..self.td_end).unwrap_or("")
+        self.uri.get(SCHEME.len()..self.td_end).unwrap_or("")
     }
 
     /// The ID as written: `spiffe://<trust domain><path>`.
