@@ -9,12 +9,15 @@
 //! principal's ancestors. The decision is combined as Cedar's authorizer
 //! does: any satisfied `forbid` denies, else any satisfied `permit` allows,
 //! else deny; a policy that fails to evaluate is skipped and reported.
+//!
+//! A candidate's scope is then checked directly, as its expression would
+//! evaluate, and only its `when`/`unless` body goes through Cedar's
+//! evaluator: no condition expression is built or kept per policy.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use cedar_policy_core::ast::{
-    ActionConstraint, Effect, Entity, EntityReference, EntityUID, Expr, Literal, Policy, PolicyID,
+    ActionConstraint, Effect, Entity, EntityReference, EntityUID, Literal, Policy, PolicyID,
     PrincipalOrResourceConstraint, Request, ValueKind,
 };
 use cedar_policy_core::authorizer::AuthorizationError;
@@ -49,9 +52,9 @@ fn admits(constraint: &ActionConstraint, action: &Entity) -> bool {
 
 impl Slice {
     /// The policies that can apply to `action`.
-    pub(super) fn new(policies: &[Compiled], action: &Entity) -> Self {
+    pub(super) fn new(policies: &[Policy], action: &Entity) -> Self {
         let mut slice = Self::default();
-        for (i, Compiled { policy: p, .. }) in policies.iter().enumerate() {
+        for (i, p) in policies.iter().enumerate() {
             if !admits(p.action_constraint(), action) {
                 continue;
             }
@@ -88,8 +91,8 @@ impl Slice {
     /// Evaluates the candidates for `request`.
     pub(super) fn authorize(
         &self,
-        policies: &[Compiled],
-        principal: &EntityUID,
+        policies: &[Policy],
+        (principal, resource): (&EntityUID, &EntityUID),
         request: Request,
         entities: &Entities,
     ) -> Outcome {
@@ -98,20 +101,37 @@ impl Slice {
         let mut permits = Vec::new();
         let mut forbids = Vec::new();
         let mut errors = Vec::new();
-        for Compiled {
-            policy: p,
-            condition,
-        } in candidates.into_iter().filter_map(|i| policies.get(i))
-        {
-            // What `Evaluator::evaluate` does, without rebuilding the
-            // condition. A condition is a conjunction, so its value is a
-            // boolean; anything else is left to Cedar's own path.
-            let satisfied = match eval.interpret(condition, p.env()) {
-                Ok(v) => match v.value_kind() {
-                    ValueKind::Lit(Literal::Bool(b)) => Ok(*b),
-                    _ => eval.evaluate(p),
+        for p in candidates.into_iter().filter_map(|i| policies.get(i)) {
+            let scope = match (
+                in_scope(
+                    p.template().principal_constraint().as_inner(),
+                    principal,
+                    entities,
+                ),
+                decided_action(p.action_constraint()),
+                in_scope(
+                    p.template().resource_constraint().as_inner(),
+                    resource,
+                    entities,
+                ),
+            ) {
+                (Some(principal), true, Some(resource)) => Some(principal && resource),
+                _ => None,
+            };
+            // The condition is `principal && action && resource && body`:
+            // a scope that does not match leaves the body unevaluated.
+            let satisfied = match (scope, p.non_scope_constraints()) {
+                (Some(false), _) => Ok(false),
+                (Some(true), None) => Ok(true),
+                (Some(true), Some(body)) => match eval.interpret(body, p.env()) {
+                    Ok(v) => match v.value_kind() {
+                        ValueKind::Lit(Literal::Bool(b)) => Ok(*b),
+                        _ => eval.evaluate(p),
+                    },
+                    Err(error) => Err(error),
                 },
-                Err(error) => Err(error),
+                // A scope this module cannot check: Cedar's own path.
+                (None, _) => eval.evaluate(p),
             };
             match satisfied {
                 Ok(true) => match p.effect() {
@@ -138,21 +158,47 @@ impl Slice {
     }
 }
 
-/// A policy and its condition (scope and body as one expression), built
-/// once: Cedar's `Evaluator::evaluate` rebuilds it on every call.
-pub(super) struct Compiled {
-    pub policy: Policy,
-    pub condition: Expr,
+/// Whether `uid` meets a principal or resource scope constraint, as the
+/// constraint's expression (`==`, `in`, `is`, `is .. in`) evaluates: such an
+/// expression cannot fail. `None` for a slot, which a set without templates
+/// never holds.
+fn in_scope(
+    constraint: &PrincipalOrResourceConstraint,
+    uid: &EntityUID,
+    entities: &Entities,
+) -> Option<bool> {
+    let is_in = |target: &EntityReference| match target {
+        EntityReference::EUID(target) => Some(
+            uid == target.as_ref()
+                || matches!(entities.entity(uid), Dereference::Data(e) if e.is_descendant_of(target)),
+        ),
+        EntityReference::Slot(_) => None,
+    };
+    match constraint {
+        PrincipalOrResourceConstraint::Any => Some(true),
+        PrincipalOrResourceConstraint::Eq(EntityReference::EUID(target)) => {
+            Some(uid == target.as_ref())
+        }
+        PrincipalOrResourceConstraint::Eq(EntityReference::Slot(_)) => None,
+        PrincipalOrResourceConstraint::In(target) => is_in(target),
+        PrincipalOrResourceConstraint::Is(ty) => Some(uid.entity_type() == ty.as_ref()),
+        PrincipalOrResourceConstraint::IsIn(ty, target) => {
+            if uid.entity_type() == ty.as_ref() {
+                is_in(target)
+            } else {
+                Some(false)
+            }
+        }
+    }
 }
 
-/// The set's policies, in a vector the slices index.
-pub(super) fn policies(set: &cedar_policy_core::ast::PolicySet) -> Arc<[Compiled]> {
-    set.policies()
-        .map(|p| Compiled {
-            condition: p.condition(),
-            policy: p.clone(),
-        })
-        .collect()
+/// Whether a slice's admission ([`admits`]) already decided the action
+/// constraint, which is then true for every policy in the slice.
+fn decided_action(constraint: &ActionConstraint) -> bool {
+    matches!(
+        constraint,
+        ActionConstraint::Any | ActionConstraint::Eq(_) | ActionConstraint::In(_)
+    )
 }
 
 #[cfg(test)]
@@ -182,6 +228,10 @@ mod tests {
 @id("tenant") forbid (principal, action == Action::"PUT", resource) when { context.headers.hasTag("x-tenant") && context.headers.getTag("x-tenant").contains("evil") };
 @id("debug") permit (principal, action == Action::"HEAD", resource in Http::Path::"/sample/path/") when { context.query.hasTag("debug") };
 @id("no-dir") forbid (principal, action == Action::"GET", resource in Http::Path::"/admin") when { context.query.hasTag("debug") };
+@id("admin-exact") forbid (principal is K8s::ServiceAccount in K8s::Namespace::"ns", action, resource == Http::Path::"/admin");
+@id("user-in-account") permit (principal is Aws::User in Aws::Account::"123456789012", action, resource);
+@id("sample-paths") permit (principal is Spiffe::Id, action == Action::"POST", resource is Http::Path in Http::Path::"/sample/");
+@id("scope-first") forbid (principal, action, resource == Http::Path::"/nowhere") when { context.port * 4611686018427387904 > 0 };
 "#,
         );
         for i in 0..50 {

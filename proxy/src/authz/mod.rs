@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
 use arc_swap::ArcSwap;
-use cedar_policy::{PolicyId, PolicySet, Schema, ValidationMode, Validator};
+use cedar_policy::{PolicySet, Schema, ValidationMode, Validator};
 use cedar_policy_core::ast;
 use cedar_policy_core::authorizer::AuthorizationError;
 use cedar_policy_core::extensions::Extensions;
@@ -52,11 +52,7 @@ fn located(file: &Path, src: &str, d: &dyn Diagnostic, msg: impl std::fmt::Displ
 }
 
 /// Parses and strictly validates one file's policies, in file order.
-fn parse_whole(
-    validator: &Validator,
-    file: &Path,
-    src: &str,
-) -> Result<Vec<cedar_policy::Policy>, String> {
+fn parse_whole(validator: &Validator, file: &Path, src: &str) -> Result<Vec<ast::Policy>, String> {
     let pset: PolicySet = src
         .parse()
         .map_err(|e: cedar_policy::ParseErrors| located(file, src, &e, &e))?;
@@ -70,18 +66,15 @@ fn parse_whole(
     if let Some(e) = result.validation_errors().next() {
         return Err(located(file, src, e, e));
     }
-    Ok(pset.policies().cloned().collect())
+    let set: &ast::PolicySet = pset.as_ref();
+    Ok(set.policies().cloned().collect())
 }
 
 /// [`parse_whole`], one statement at a time: the parse tree of a whole file
 /// is several times the size of its policies (8 MB for 1 000 policies), and
 /// the allocator keeps what a peak took. Any error is reported by parsing
 /// the whole file, so that its line is the file's.
-fn parse_file(
-    validator: &Validator,
-    file: &Path,
-    src: &str,
-) -> Result<Vec<cedar_policy::Policy>, String> {
+fn parse_file(validator: &Validator, file: &Path, src: &str) -> Result<Vec<ast::Policy>, String> {
     let mut out = Vec::new();
     for statement in statements(src) {
         match parse_whole(validator, file, statement) {
@@ -142,14 +135,13 @@ struct Action {
 /// The parsed, validated policy set and everything a decision needs.
 pub struct PolicySnapshot {
     schema: Schema,
-    policies: PolicySet,
     /// Method -> its action.
     actions: HashMap<String, Action>,
     names: request::Names,
     needs: request::Needs,
     service_entity: Arc<ast::Entity>,
-    /// The set's policies, as the slices index them.
-    all: Arc<[index::Compiled]>,
+    /// The set's policies, renamed by their ids, as the slices index them.
+    all: Arc<[ast::Policy]>,
     /// Hash of the active set, for the decision log.
     pub hash: Arc<str>,
     /// Digest of everything the set was loaded from (schema included), so a
@@ -165,7 +157,7 @@ pub struct PolicySnapshot {
 impl std::fmt::Debug for PolicySnapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PolicySnapshot")
-            .field("policies", &self.policies.policies().count())
+            .field("policies", &self.all.len())
             .field("hash", &self.hash)
             .finish()
     }
@@ -246,7 +238,10 @@ impl PolicySnapshot {
         let (schema, _warnings) = Schema::from_cedarschema_str(&schema_src)
             .map_err(|e| located(schema_path, &schema_src, &e, &e))?;
         let validator = Validator::new(schema.clone());
-        let mut policies = PolicySet::new();
+        let id_key: ast::AnyId = "id"
+            .parse()
+            .map_err(|e: cedar_policy_core::parser::err::ParseErrors| e.to_string())?;
+        let mut all = Vec::new();
         let mut names: BTreeMap<String, String> = BTreeMap::new();
         let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         for (file, src) in &files {
@@ -263,8 +258,8 @@ impl PolicySnapshot {
                 .unwrap_or_default();
             for (index, policy) in parsed.iter().enumerate() {
                 let name = policy
-                    .annotation("id")
-                    .map(str::to_owned)
+                    .annotation(&id_key)
+                    .map(|a| a.as_ref().to_owned())
                     .unwrap_or_else(|| format!("{stem}:{index}"));
                 if let Some(prev) = names.insert(name.clone(), stem.clone()) {
                     return Err(format!(
@@ -272,9 +267,7 @@ impl PolicySnapshot {
                         file.display()
                     ));
                 }
-                policies
-                    .add(policy.new_id(PolicyId::new(&name)))
-                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                all.push(policy.new_id(ast::PolicyID::from_string(&name)));
             }
         }
         let action_entities = schema
@@ -286,7 +279,7 @@ impl PolicySnapshot {
             .map(|e| Arc::new(e.as_ref().clone()));
         let names = request::Names::new()?;
         let service_entity = names.service_entity(&service.name);
-        let all = index::policies(policies.as_ref());
+        let all: Arc<[ast::Policy]> = all.into();
         let needs = request::Needs::of(&all, names.path_type());
         let mut actions = HashMap::new();
         for e in action_entities.iter() {
@@ -317,7 +310,6 @@ impl PolicySnapshot {
         }
         Ok(Self {
             schema,
-            policies,
             actions,
             needs,
             service_entity,
@@ -361,7 +353,7 @@ impl PolicySnapshot {
             ast::Request::new(
                 (built.principal.clone(), None),
                 (built.action, None),
-                (built.resource, None),
+                (built.resource.clone(), None),
                 built.context,
                 None::<&ast::RequestSchemaAllPass>,
                 Extensions::all_available(),
@@ -373,17 +365,19 @@ impl PolicySnapshot {
             ast::Request::new(
                 (built.principal.clone(), None),
                 (built.action, None),
-                (built.resource, None),
+                (built.resource.clone(), None),
                 built.context,
                 Some(self.schema.as_ref()),
                 Extensions::all_available(),
             )
             .map_err(|e| internal(e.to_string()))?
         };
-        let response =
-            action
-                .slice
-                .authorize(&self.all, &built.principal, request, &built.entities);
+        let response = action.slice.authorize(
+            &self.all,
+            (&built.principal, &built.resource),
+            request,
+            &built.entities,
+        );
         let errors: Vec<String> = response
             .errors
             .iter()
@@ -567,9 +561,10 @@ pub(crate) mod testing {
                 Extensions::all_available(),
             )
             .expect("request");
+            let set = ast::PolicySet::try_from_iter(self.all.iter().cloned()).expect("set");
             let r = cedar_policy_core::authorizer::Authorizer::new().is_authorized(
                 request,
-                self.policies.as_ref(),
+                &set,
                 &built.entities,
             );
             let mut reasons: Vec<String> = r
@@ -634,9 +629,8 @@ mod tests {
             "permit (principal is Spiffe::Id, action, resource); // done; \"\n",
         );
         let file = dir.path().join("set.cedar");
-        let text = |ps: Vec<cedar_policy::Policy>| -> Vec<String> {
-            ps.iter().map(ToString::to_string).collect()
-        };
+        let text =
+            |ps: Vec<ast::Policy>| -> Vec<String> { ps.iter().map(ToString::to_string).collect() };
         let whole = text(parse_whole(&validator, &file, src).expect("whole"));
         assert_eq!(whole.len(), 3);
         assert_eq!(
@@ -665,16 +659,13 @@ mod tests {
             &ServiceConfig::default(),
         )
         .expect("load");
-        let mut ids: Vec<String> = snapshot
-            .policies
-            .policies()
-            .map(|p| p.id().to_string())
-            .collect();
+        let mut ids: Vec<String> = snapshot.all.iter().map(|p| p.id().to_string()).collect();
         ids.sort();
         assert_eq!(ids, ["named", "set.cedar:0", "set.cedar:2"]);
         let first = snapshot
-            .policies
-            .policy(&PolicyId::new("set.cedar:0"))
+            .all
+            .iter()
+            .find(|p| p.id().to_string() == "set.cedar:0")
             .expect("first");
         assert!(first.to_string().contains("/a;b/"), "{first}");
     }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use cedar_policy_core::ast::{
     BinaryOp, Context, Eid, Entity, EntityType, EntityUID, ExprKind, Literal, Name, PartialValue,
-    Value,
+    Policy, Value,
 };
 use cedar_policy_core::entities::{Entities, NoEntitiesSchema, TCComputation};
 use cedar_policy_core::extensions::Extensions;
@@ -158,11 +158,13 @@ pub(super) struct Needs {
 }
 
 impl Needs {
-    pub(super) fn of(policies: &[super::index::Compiled], path: &EntityType) -> Self {
+    pub(super) fn of(policies: &[Policy], path: &EntityType) -> Self {
         let mut tags = Some(HashSet::new());
         let mut paths = Some(HashSet::new());
         for policy in policies {
-            for e in policy.condition.subexpressions() {
+            // Built for the walk only: scope and body as one expression.
+            let condition = policy.condition();
+            for e in condition.subexpressions() {
                 match e.expr_kind() {
                     ExprKind::BinaryApp {
                         op: BinaryOp::HasTag | BinaryOp::GetTag,
@@ -599,7 +601,10 @@ mod tests {
     fn needs(text: &str) -> Needs {
         let set = cedar_policy_core::parser::parse_policyset(text).expect("policies");
         let names = Names::new().expect("names");
-        Needs::of(&crate::authz::index::policies(&set), names.path_type())
+        Needs::of(
+            &set.policies().cloned().collect::<Vec<_>>(),
+            names.path_type(),
+        )
     }
 
     fn keys(set: &Option<HashSet<String>>) -> Option<Vec<&str>> {
@@ -651,7 +656,10 @@ permit (principal, action, resource) when {
         )
         .expect("link");
         let names = Names::new().expect("names");
-        let n = Needs::of(&crate::authz::index::policies(&set), names.path_type());
+        let n = Needs::of(
+            &set.policies().cloned().collect::<Vec<_>>(),
+            names.path_type(),
+        );
         assert_eq!(n.paths, None);
         assert!(n.path("/any/"));
     }
