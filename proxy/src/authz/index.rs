@@ -15,6 +15,7 @@
 //! evaluator: no condition expression is built or kept per policy.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use cedar_policy_core::ast::{
     ActionConstraint, Effect, Entity, EntityReference, EntityUID, Literal, Policy, PolicyID,
@@ -29,7 +30,8 @@ use cedar_policy_core::extensions::Extensions;
 #[derive(Debug, Default)]
 pub(super) struct Slice {
     unfiled: Vec<usize>,
-    by_principal: HashMap<EntityUID, Vec<usize>>,
+    /// Keyed by the policies' own (shared) entity ids.
+    by_principal: HashMap<Arc<EntityUID>, Vec<usize>>,
 }
 
 /// Every policy of the set, and what a request's evaluation found.
@@ -62,7 +64,7 @@ impl Slice {
                 PrincipalOrResourceConstraint::Eq(EntityReference::EUID(e))
                 | PrincipalOrResourceConstraint::In(EntityReference::EUID(e))
                 | PrincipalOrResourceConstraint::IsIn(_, EntityReference::EUID(e)) => {
-                    Some(e.as_ref().clone())
+                    Some(Arc::clone(e))
                 }
                 _ => None,
             };
@@ -204,7 +206,7 @@ fn decided_action(constraint: &ActionConstraint) -> bool {
 #[cfg(test)]
 mod tests {
     use crate::authz::shape::fullest;
-    use crate::authz::testing::{snapshot, SHIPPED};
+    use crate::authz::testing::{reference, snapshot, SHIPPED};
     use crate::authz::AuthzInput;
     use crate::error::ProxyError;
 
@@ -258,8 +260,9 @@ mod tests {
         let mut other_tenant = some_headers.clone();
         other_tenant.insert("x-tenant", http::HeaderValue::from_static("good"));
         let (mut allowed, mut forbidden, mut failed) = (0, 0, 0);
-        for set in [policies(), policies() + computed] {
-            let set = snapshot(SHIPPED, &set);
+        for src in [policies(), policies() + computed] {
+            let set = snapshot(SHIPPED, &src);
+            let whole = reference(&src);
             for kind in 0..crate::authz::request::KINDS {
                 let mut s = fullest(kind).expect("sample");
                 if kind == 5 {
@@ -290,7 +293,7 @@ mod tests {
                                     .filter_map(|e| e.split('`').nth(1).map(str::to_owned))
                                     .collect();
                                 errs.sort();
-                                let want = set.decide_reference(&input);
+                                let want = set.decide_reference(&whole, &input);
                                 assert_eq!(
                                     (d.allow, reasons.clone(), errs.clone()),
                                     want,

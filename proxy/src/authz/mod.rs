@@ -70,6 +70,25 @@ fn parse_whole(validator: &Validator, file: &Path, src: &str) -> Result<Vec<ast:
     Ok(set.policies().cloned().collect())
 }
 
+/// `policy` named `id`, without its annotations: `@id` has been read, and
+/// no annotation bears on a decision (each policy's map costs a B-tree node,
+/// about 1 KB).
+fn renamed(policy: &ast::Policy, id: ast::PolicyID) -> Result<ast::Policy, String> {
+    let t = policy.template();
+    ast::StaticPolicy::new(
+        id,
+        t.loc().cloned(),
+        ast::Annotations::new(),
+        t.effect(),
+        t.principal_constraint().clone(),
+        t.action_constraint().clone(),
+        t.resource_constraint().clone(),
+        t.non_scope_constraints().cloned(),
+    )
+    .map(ast::Policy::from)
+    .map_err(|e| e.to_string())
+}
+
 /// [`parse_whole`], one statement at a time: the parse tree of a whole file
 /// is several times the size of its policies (8 MB for 1 000 policies), and
 /// the allocator keeps what a peak took. Any error is reported by parsing
@@ -267,7 +286,10 @@ impl PolicySnapshot {
                         file.display()
                     ));
                 }
-                all.push(policy.new_id(ast::PolicyID::from_string(&name)));
+                all.push(
+                    renamed(policy, ast::PolicyID::from_string(&name))
+                        .map_err(|e| format!("{}: {e}", file.display()))?,
+                );
             }
         }
         let action_entities = schema
@@ -536,11 +558,28 @@ pub(crate) mod testing {
         .expect("load")
     }
 
+    /// `src` parsed by Cedar's public API, each policy named by its `@id`:
+    /// what a snapshot of `src` is compared with.
+    pub fn reference(src: &str) -> PolicySet {
+        let mut set = PolicySet::new();
+        for p in src.parse::<PolicySet>().expect("policies").policies() {
+            let id = p.annotation("id").expect("every test policy has an @id");
+            set.add(p.new_id(cedar_policy::PolicyId::new(id)))
+                .expect("add");
+        }
+        set
+    }
+
     impl PolicySnapshot {
         /// The same request decided by Cedar's own authorizer over the
-        /// whole set, with every tag and path prefix built whatever the
-        /// policies name: (allow, reasons, failed policies), sorted.
-        pub fn decide_reference(&self, input: &AuthzInput<'_>) -> (bool, Vec<String>, Vec<String>) {
+        /// whole `set` (this snapshot's, from [`reference`]), with every tag
+        /// and path prefix built whatever the policies name: (allow,
+        /// reasons, failed policies), sorted.
+        pub fn decide_reference(
+            &self,
+            set: &PolicySet,
+            input: &AuthzInput<'_>,
+        ) -> (bool, Vec<String>, Vec<String>) {
             let action = self.actions.get(input.method).expect("action");
             let everything = request::Needs::all();
             let fixed = request::Fixed {
@@ -561,10 +600,9 @@ pub(crate) mod testing {
                 Extensions::all_available(),
             )
             .expect("request");
-            let set = ast::PolicySet::try_from_iter(self.all.iter().cloned()).expect("set");
             let r = cedar_policy_core::authorizer::Authorizer::new().is_authorized(
                 request,
-                &set,
+                set.as_ref(),
                 &built.entities,
             );
             let mut reasons: Vec<String> = r
