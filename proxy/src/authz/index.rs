@@ -233,6 +233,8 @@ mod tests {
 @id("admin-exact") forbid (principal is K8s::ServiceAccount in K8s::Namespace::"ns", action, resource == Http::Path::"/admin");
 @id("user-in-account") permit (principal is Aws::User in Aws::Account::"123456789012", action, resource);
 @id("sample-paths") permit (principal is Spiffe::Id, action == Action::"POST", resource is Http::Path in Http::Path::"/sample/");
+@id("jwt-options") permit (principal, action == Action::"OPTIONS", resource) when { context has jwt && context.jwt.iss == "https://issuer.example" };
+@id("tls13-patch") forbid (principal, action == Action::"PATCH", resource) when { context has tls && context.tls.version == "TLSv1.3" && context.path == "/admin" };
 @id("scope-first") forbid (principal, action, resource == Http::Path::"/nowhere") when { context.port * 4611686018427387904 > 0 };
 "#,
         );

@@ -318,6 +318,7 @@ impl PolicySnapshot {
                 service: &service_entity,
                 service_arn: None,
                 network_arn: None,
+                trim_context: false,
             };
             let proved = shape::prove(schema.as_ref(), &fixed, &id)?;
             let slice = index::Slice::new(&all, e.as_ref());
@@ -361,6 +362,7 @@ impl PolicySnapshot {
             tracing::warn!(error = %e, "authorization request could not be built");
             ProxyError::Forbidden
         };
+        let proved = action.proved[request::kind(&input.identity.principal)];
         let fixed = request::Fixed {
             names: &self.names,
             needs: &self.needs,
@@ -368,9 +370,9 @@ impl PolicySnapshot {
             service: &self.service_entity,
             service_arn: self.service_arn.as_deref(),
             network_arn: self.network_arn.as_deref(),
+            trim_context: proved,
         };
         let built = request::build(&fixed, input).map_err(internal)?;
-        let proved = action.proved[request::kind(&input.identity.principal)];
         let request = if proved {
             ast::Request::new(
                 (built.principal.clone(), None),
@@ -589,6 +591,7 @@ pub(crate) mod testing {
                 service: &self.service_entity,
                 service_arn: self.service_arn.as_deref(),
                 network_arn: self.network_arn.as_deref(),
+                trim_context: false,
             };
             let built = request::build(&fixed, input).expect("build");
             let request = ast::Request::new(

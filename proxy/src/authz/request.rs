@@ -14,8 +14,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use cedar_policy_core::ast::{
-    BinaryOp, Context, Eid, Entity, EntityType, EntityUID, ExprKind, Literal, Name, PartialValue,
-    Policy, Value,
+    BinaryOp, Context, Eid, Entity, EntityType, EntityUID, Expr, ExprKind, Literal, Name,
+    PartialValue, Policy, Value, Var,
 };
 use cedar_policy_core::entities::{Entities, NoEntitiesSchema, TCComputation};
 use cedar_policy_core::extensions::Extensions;
@@ -149,23 +149,44 @@ fn entity(
 ///   holds no path entities, and actions hold no attributes (the Cedar schema
 ///   format, the one warden loads, cannot declare any). Prefixes no policy
 ///   names are not built.
+/// - A context attribute is observable only through `context.a`, `context
+///   has a` (or `has a.b`); when `context` appears nowhere else, attributes no
+///   policy names are left out (see [`Fixed::trim_context`]).
 #[derive(Debug, Default)]
 pub(super) struct Needs {
     /// The tag keys, or `None` when some key is computed.
     tags: Option<HashSet<String>>,
     /// The `Http::Path` ids named, or `None` when a slot may name any.
     paths: Option<HashSet<String>>,
+    /// The context attributes named, or `None` when the whole record may be
+    /// observed.
+    context: Option<HashSet<String>>,
 }
 
 impl Needs {
     pub(super) fn of(policies: &[Policy], path: &EntityType) -> Self {
         let mut tags = Some(HashSet::new());
         let mut paths = Some(HashSet::new());
+        let mut context = HashSet::new();
+        // Every use of `context`, and those that name an attribute.
+        let (mut uses, mut named) = (0usize, 0usize);
+        let is_context = |e: &Expr| matches!(e.expr_kind(), ExprKind::Var(Var::Context));
         for policy in policies {
             // Built for the walk only: scope and body as one expression.
             let condition = policy.condition();
             for e in condition.subexpressions() {
                 match e.expr_kind() {
+                    ExprKind::Var(Var::Context) => uses += 1,
+                    ExprKind::GetAttr { expr, attr } | ExprKind::HasAttr { expr, attr }
+                        if is_context(expr) =>
+                    {
+                        named += 1;
+                        context.insert(attr.to_string());
+                    }
+                    ExprKind::ExtHasAttr { expr, attrs } if is_context(expr) => {
+                        named += 1;
+                        context.insert(attrs.first().to_string());
+                    }
                     ExprKind::BinaryApp {
                         op: BinaryOp::HasTag | BinaryOp::GetTag,
                         arg2,
@@ -187,7 +208,11 @@ impl Needs {
                 }
             }
         }
-        Self { tags, paths }
+        Self {
+            tags,
+            paths,
+            context: (uses == named).then_some(context),
+        }
     }
 
     /// Everything, as if no policy were known: what the tests compare with.
@@ -196,7 +221,14 @@ impl Needs {
         Self {
             tags: None,
             paths: None,
+            context: None,
         }
+    }
+
+    fn context(&self, attr: &str) -> bool {
+        self.context
+            .as_ref()
+            .is_none_or(|attrs| attrs.contains(attr))
     }
 
     fn tag(&self, key: &str) -> bool {
@@ -282,6 +314,10 @@ pub(super) struct Fixed<'a> {
     pub service: &'a Arc<Entity>,
     pub service_arn: Option<&'a str>,
     pub network_arn: Option<&'a str>,
+    /// Leave out the context attributes no policy names ([`Needs`]). Only
+    /// for requests whose shape is proved to conform to the schema: one that
+    /// is validated instead needs every attribute the schema requires.
+    pub trim_context: bool,
 }
 
 pub(super) fn build(fixed: &Fixed<'_>, input: &AuthzInput<'_>) -> Result<Built, String> {
@@ -458,47 +494,57 @@ fn context(
     entities: &mut Vec<Arc<Entity>>,
 ) -> Result<Context, String> {
     let names = fixed.names;
-    let s = |v: &str| Value::from(v);
-    let source_ip = source_ip(names, input.conn.peer.ip())?;
     let needs = fixed.needs;
-    let headers = tag_entity(
-        &names.headers,
-        needs,
-        |wanted| header_tags(input.headers, wanted),
-        entities,
-    );
-    let query = tag_entity(
-        &names.query,
-        needs,
-        |wanted| query_tags(input.query, wanted),
-        entities,
-    );
+    let want = |attr: &str| !fixed.trim_context || needs.context(attr);
+    let s = |v: &str| Value::from(v);
     let mut ctx: BTreeMap<_, Value> = BTreeMap::new();
     let mut put = |k: &str, v: Value| {
         ctx.insert(k.into(), v);
     };
-    put("method", s(input.method));
-    put("path", s(input.path));
-    put("host", s(input.host.unwrap_or("")));
-    put("port", Value::from(i64::from(input.conn.local.port())));
-    put("source_ip", source_ip);
-    put("authn", s(input.identity.method));
-    put("headers", headers);
-    put("query", query);
-    if let Some(arn) = input.service_arn.or(fixed.service_arn) {
-        put("service_arn", s(arn));
+    let service_arn = input.service_arn.or(fixed.service_arn);
+    let strings = [
+        ("method", Some(input.method)),
+        ("path", Some(input.path)),
+        ("host", Some(input.host.unwrap_or(""))),
+        ("authn", Some(input.identity.method)),
+        ("service_arn", service_arn),
+        ("service_network_arn", fixed.network_arn),
+    ];
+    for (k, v) in strings {
+        if let (Some(v), true) = (v, want(k)) {
+            put(k, s(v));
+        }
     }
-    if let Some(arn) = fixed.network_arn {
-        put("service_network_arn", s(arn));
+    if want("port") {
+        put("port", Value::from(i64::from(input.conn.local.port())));
     }
-    if let Some(tls) = &input.conn.tls {
+    if want("source_ip") {
+        put("source_ip", source_ip(names, input.conn.peer.ip())?);
+    }
+    type Tags<'t> = &'t dyn Fn(&dyn Fn(&str) -> bool) -> BTreeMap<String, Vec<String>>;
+    let tagged: [(&str, &EntityType, Tags<'_>); 2] = [
+        ("headers", &names.headers, &|wanted| {
+            header_tags(input.headers, wanted)
+        }),
+        ("query", &names.query, &|wanted| {
+            query_tags(input.query, wanted)
+        }),
+    ];
+    for (attr, ty, tags) in tagged {
+        if want(attr) {
+            put(attr, tag_entity(ty, needs, tags, entities));
+        }
+    }
+    if let Some(tls) = input.conn.tls.as_ref().filter(|_| want("tls")) {
         let mut rec = vec![("version", s(tls.version))];
         if let Some(crate::trace::PeerCert::Spiffe(id)) = &tls.peer {
             rec.push(("peer_spiffe_id", s(id.as_str())));
         }
         put("tls", record(rec));
     }
-    if let (Some(aws), Principal::Aws(p)) = (&input.identity.aws, &input.identity.principal) {
+    if let (Some(aws), Principal::Aws(p), true) =
+        (&input.identity.aws, &input.identity.principal, want("aws"))
+    {
         let mut rec = vec![
             ("access_key_id", s(&aws.access_key_id)),
             ("account", s(&p.account)),
@@ -513,7 +559,7 @@ fn context(
         }
         put("aws", record(rec));
     }
-    if let Some(claims) = &input.identity.jwt {
+    if let Some(claims) = input.identity.jwt.as_ref().filter(|_| want("jwt")) {
         let selected = tag_entity(
             &names.claims,
             needs,
@@ -630,9 +676,90 @@ permit (principal, action, resource) when {
         assert!(n.tag("x-a") && !n.tag("x-b") && n.any_tag());
         assert!(n.path("/api/") && !n.path("/c/"));
 
+        assert_eq!(keys(&n.context), Some(vec!["headers", "query"]));
+
         let none =
             needs(r#"permit (principal, action, resource) when { context.authn == "mtls" };"#);
         assert!(!none.any_tag() && !none.path("/"));
+        assert_eq!(keys(&none.context), Some(vec!["authn"]));
+        assert!(none.context("authn") && !none.context("path"));
+
+        let nested = needs(
+            r#"permit (principal, action, resource) when { context has aws.org_id && context.jwt.iss == "i" };"#,
+        );
+        assert_eq!(keys(&nested.context), Some(vec!["aws", "jwt"]));
+    }
+
+    #[test]
+    fn the_whole_context_used_as_a_value_needs_every_attribute() {
+        for text in [
+            r#"permit (principal, action, resource) when { context == {"path": "/"} };"#,
+            r#"permit (principal, action, resource) when { context.path == "/" && [context].contains({"a": 1}) };"#,
+            r#"permit (principal, action, resource) when { {"c": context}.c has tls };"#,
+        ] {
+            let n = needs(text);
+            assert_eq!(n.context, None, "{text}");
+            assert!(n.context("anything"), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_proved_request_carries_only_the_context_attributes_its_policies_name() {
+        let set = crate::authz::testing::snapshot(
+            crate::authz::testing::SHIPPED,
+            r#"permit (principal, action, resource) when { context.path like "/a/*" && context has jwt };"#,
+        );
+        let s = crate::authz::shape::fullest(4).expect("sample");
+        let headers = HeaderMap::new();
+        let input = AuthzInput {
+            identity: &s.identity,
+            method: "GET",
+            path: "/a/b",
+            query: Some("q=1"),
+            headers: &headers,
+            host: Some("h"),
+            conn: &s.conn,
+            service: None,
+            service_arn: None,
+        };
+        let attrs = |trim_context: bool| -> Vec<String> {
+            let action = set.actions.get("GET").expect("action");
+            let fixed = Fixed {
+                names: &set.names,
+                needs: &set.needs,
+                action: &action.store,
+                service: &set.service_entity,
+                service_arn: None,
+                network_arn: None,
+                trim_context,
+            };
+            match build(&fixed, &input).expect("build").context {
+                Context::Value(map) => map.keys().map(ToString::to_string).collect(),
+                Context::RestrictedResidual(_) => panic!("a built context is a value"),
+            }
+        };
+        assert_eq!(attrs(true), ["jwt", "path"]);
+        let all = attrs(false);
+        for attr in [
+            "method",
+            "path",
+            "host",
+            "port",
+            "source_ip",
+            "authn",
+            "headers",
+            "query",
+            "tls",
+            "jwt",
+        ] {
+            assert!(all.iter().any(|a| a == attr), "{attr} in {all:?}");
+        }
+        assert!(
+            set.decide(&input)
+                .map_err(|e| e.to_string())
+                .expect("decide")
+                .allow
+        );
     }
 
     #[test]
