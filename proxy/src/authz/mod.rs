@@ -302,7 +302,7 @@ impl PolicySnapshot {
         let names = request::Names::new()?;
         let service_entity = names.service_entity(&service.name);
         let all: Arc<[ast::Policy]> = all.into();
-        let needs = request::Needs::of(&all, names.path_type());
+        let needs = request::Needs::of(&all, &names);
         let mut actions = HashMap::new();
         for e in action_entities.iter() {
             let id = e.uid().id().unescaped().to_owned();

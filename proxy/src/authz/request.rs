@@ -87,10 +87,6 @@ impl Names {
         }
     }
 
-    pub(super) fn path_type(&self) -> &EntityType {
-        &self.path
-    }
-
     /// `Http::Service::"<name>"`, which every path is in.
     pub(super) fn service_entity(&self, name: &str) -> Arc<Entity> {
         Arc::new(Entity::with_uid(uid(&self.service, name)))
@@ -151,7 +147,9 @@ fn entity(
 ///   names are not built.
 /// - A context attribute is observable only through `context.a`, `context
 ///   has a` (or `has a.b`); when `context` appears nowhere else, attributes no
-///   policy names are left out (see [`Fixed::trim_context`]).
+///   policy names are left out (see [`Fixed::trim_context`]). A tag entity is
+///   also reachable by its uid (`Http::Headers::"request"`): such a literal
+///   names the attribute that holds the entity.
 #[derive(Debug, Default)]
 pub(super) struct Needs {
     /// The tag keys, or `None` when some key is computed.
@@ -164,7 +162,14 @@ pub(super) struct Needs {
 }
 
 impl Needs {
-    pub(super) fn of(policies: &[Policy], path: &EntityType) -> Self {
+    pub(super) fn of(policies: &[Policy], names: &Names) -> Self {
+        // The tag entities a request builds, by the context attribute that
+        // holds each (`context.jwt.claims` for the claims).
+        let held = [
+            (&names.headers, "headers"),
+            (&names.query, "query"),
+            (&names.claims, "jwt"),
+        ];
         let mut tags = Some(HashSet::new());
         let mut paths = Some(HashSet::new());
         let mut context = HashSet::new();
@@ -198,9 +203,18 @@ impl Needs {
                         (ExprKind::Lit(Literal::String(_)), None) => {}
                         _ => tags = None,
                     },
-                    ExprKind::Lit(Literal::EntityUID(uid)) if uid.entity_type() == path => {
+                    ExprKind::Lit(Literal::EntityUID(uid)) if uid.entity_type() == &names.path => {
                         if let Some(paths) = &mut paths {
                             paths.insert(uid.eid().as_ref().to_owned());
+                        }
+                    }
+                    // A tag entity named by its uid, not through `context`:
+                    // the attribute that holds it is needed all the same.
+                    ExprKind::Lit(Literal::EntityUID(uid)) => {
+                        if let Some((_, attr)) =
+                            held.iter().find(|(ty, _)| *ty == uid.entity_type())
+                        {
+                            context.insert((*attr).to_owned());
                         }
                     }
                     ExprKind::Slot(_) => paths = None,
@@ -647,10 +661,7 @@ mod tests {
     fn needs(text: &str) -> Needs {
         let set = cedar_policy_core::parser::parse_policyset(text).expect("policies");
         let names = Names::new().expect("names");
-        Needs::of(
-            &set.policies().cloned().collect::<Vec<_>>(),
-            names.path_type(),
-        )
+        Needs::of(&set.policies().cloned().collect::<Vec<_>>(), &names)
     }
 
     fn keys(set: &Option<HashSet<String>>) -> Option<Vec<&str>> {
@@ -763,6 +774,65 @@ permit (principal, action, resource) when {
     }
 
     #[test]
+    fn a_tag_entity_named_by_its_uid_is_built_as_through_the_context() {
+        // `Http::Headers::"request"` is the entity `context.headers` holds: a
+        // policy can name it without naming the context attribute, so its
+        // tags must be there all the same, or these forbids would not apply.
+        let forbids = [
+            r#"Http::Headers::"request".hasTag("x-evil")"#,
+            r#"Http::Query::"request".hasTag("debug")"#,
+            r#"Warden::Claims::"request".hasTag("groups")"#,
+        ];
+        for (i, condition) in forbids.into_iter().enumerate() {
+            let src = format!(
+                r#"@id("all") permit (principal, action, resource);
+                   @id("tagged") forbid (principal, action, resource) when {{ {condition} }};"#
+            );
+            let set = crate::authz::testing::snapshot(crate::authz::testing::SHIPPED, &src);
+            let reference = crate::authz::testing::reference(&src);
+            let mut s = crate::authz::shape::fullest(4).expect("sample");
+            let mut headers = HeaderMap::new();
+            let mut query = None;
+            let decide =
+                |headers: &HeaderMap, query: Option<&str>, s: &crate::authz::shape::Sample| {
+                    let input = AuthzInput {
+                        identity: &s.identity,
+                        method: "GET",
+                        path: "/a",
+                        query,
+                        headers,
+                        host: Some("h"),
+                        conn: &s.conn,
+                        service: None,
+                        service_arn: None,
+                    };
+                    let d = set
+                        .decide(&input)
+                        .map_err(|e| e.to_string())
+                        .expect("decide");
+                    let (allow, reasons, _) = set.decide_reference(&reference, &input);
+                    assert_eq!(
+                        (d.allow, d.policies.to_vec()),
+                        (allow, reasons),
+                        "{condition}"
+                    );
+                    d.allow
+                };
+            // Without the tag the request is allowed; with it, forbidden.
+            let claims = s.identity.jwt.take();
+            assert!(decide(&headers, query, &s), "{condition}");
+            match i {
+                0 => {
+                    headers.insert("x-evil", "1".parse().expect("value"));
+                }
+                1 => query = Some("debug=1"),
+                _ => s.identity.jwt = claims,
+            }
+            assert!(!decide(&headers, query, &s), "{condition}");
+        }
+    }
+
+    #[test]
     fn a_computed_tag_key_or_a_template_slot_needs_everything() {
         let n = needs(
             r#"permit (principal, action, resource) when { context.headers.hasTag(context.method) };"#,
@@ -783,10 +853,7 @@ permit (principal, action, resource) when {
         )
         .expect("link");
         let names = Names::new().expect("names");
-        let n = Needs::of(
-            &set.policies().cloned().collect::<Vec<_>>(),
-            names.path_type(),
-        );
+        let n = Needs::of(&set.policies().cloned().collect::<Vec<_>>(), &names);
         assert_eq!(n.paths, None);
         assert!(n.path("/any/"));
     }
