@@ -315,7 +315,7 @@ fn authorize(
                 d.policies.join(", ")
             };
             println!("policies: {ids}");
-            for e in &d.errors {
+            for e in d.errors.iter() {
                 println!("error: {e}");
             }
             println!("policy set: {}", d.policy_set);

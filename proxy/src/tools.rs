@@ -234,7 +234,7 @@ pub fn run_cases(cases_file: &Path, cfg: &Config) -> Result<(Vec<String>, bool),
         let (ok, got) = match &outcome {
             Ok(d) => {
                 let ids_ok = case.policies.as_ref().is_none_or(|want| {
-                    let mut got = d.policies.clone();
+                    let mut got = d.policies.to_vec();
                     let mut want = want.clone();
                     got.sort();
                     want.sort();

@@ -38,13 +38,13 @@ pub struct RawTarget {
     pub query: Option<String>,
 }
 
-/// What the authorizer said.
+/// What the authorizer said; shared, so a cached decision is cloned cheaply.
 #[derive(Debug, Clone)]
 pub struct Decision {
     pub allow: bool,
-    pub policies: Vec<String>,
+    pub policies: Arc<[String]>,
     /// Policies that failed to evaluate (and so did not apply), with why.
-    pub errors: Vec<String>,
+    pub errors: Arc<[String]>,
     pub policy_set: Arc<str>,
 }
 

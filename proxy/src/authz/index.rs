@@ -287,7 +287,7 @@ mod tests {
                                 };
                                 let d = set.decide(&input).map_err(|e: ProxyError| e.to_string());
                                 let d = d.expect("decide");
-                                let mut reasons = d.policies.clone();
+                                let mut reasons = d.policies.to_vec();
                                 reasons.sort();
                                 let mut errs: Vec<String> = d
                                     .errors

@@ -5,6 +5,7 @@
 //! and context are built. Default deny; `forbid` wins. Every policy is named
 //! by its `@id` (else `<file>:<index>`).
 
+mod cache;
 mod index;
 mod request;
 mod shape;
@@ -171,6 +172,8 @@ pub struct PolicySnapshot {
     pub mode: AuthzMode,
     service_arn: Option<String>,
     network_arn: Option<String>,
+    /// Decisions by request, when the policies name no context attribute.
+    decisions: Option<cache::DecisionCache>,
 }
 
 impl std::fmt::Debug for PolicySnapshot {
@@ -334,7 +337,6 @@ impl PolicySnapshot {
         Ok(Self {
             schema,
             actions,
-            needs,
             service_entity,
             names,
             all,
@@ -344,6 +346,8 @@ impl PolicySnapshot {
             mode,
             service_arn: service.arn.clone(),
             network_arn: service.network_arn.clone(),
+            decisions: needs.no_context().then(cache::DecisionCache::new),
+            needs,
         })
     }
 
@@ -358,11 +362,31 @@ impl PolicySnapshot {
             .actions
             .get(input.method)
             .ok_or(ProxyError::MethodNotAllowed)?;
+        let proved = action.proved[request::kind(&input.identity.principal)];
+        // A proved request under a set that names no context attribute is
+        // decided by its key alone ([`cache`]).
+        let Some(cache) = self.decisions.as_ref().filter(|_| proved) else {
+            return self.evaluate(action, proved, input);
+        };
+        let key = request::key(input);
+        if let Some(hit) = cache.get(&key) {
+            return Ok(hit);
+        }
+        let decision = self.evaluate(action, proved, input)?;
+        cache.insert(&key, decision.clone());
+        Ok(decision)
+    }
+
+    fn evaluate(
+        &self,
+        action: &Action,
+        proved: bool,
+        input: &AuthzInput<'_>,
+    ) -> Result<Decision, ProxyError> {
         let internal = |e: String| {
             tracing::warn!(error = %e, "authorization request could not be built");
             ProxyError::Forbidden
         };
-        let proved = action.proved[request::kind(&input.identity.principal)];
         let fixed = request::Fixed {
             names: &self.names,
             needs: &self.needs,
@@ -417,7 +441,7 @@ impl PolicySnapshot {
             })
             .collect();
         Ok(Decision {
-            errors,
+            errors: errors.into(),
             allow: response.allow,
             policies: response.reasons.iter().map(ToString::to_string).collect(),
             policy_set: self.hash.clone(),
@@ -709,5 +733,164 @@ mod tests {
             .find(|p| p.id().to_string() == "set.cedar:0")
             .expect("first");
         assert!(first.to_string().contains("/a;b/"), "{first}");
+    }
+
+    /// Two requests that differ in one thing the key must hold, with the
+    /// decision each should get.
+    struct Pair {
+        what: &'static str,
+        method: [&'static str; 2],
+        path: [&'static str; 2],
+        service: [Option<&'static str>; 2],
+        samples: [shape::Sample; 2],
+        allow: [bool; 2],
+    }
+
+    fn pairs() -> Vec<Pair> {
+        let sample = |kind| shape::fullest(kind).expect("sample");
+        let with = |kind, change: fn(&mut shape::Sample)| {
+            let mut s = sample(kind);
+            change(&mut s);
+            s
+        };
+        let same = |kind| [sample(kind), sample(kind)];
+        vec![
+            Pair {
+                what: "organization",
+                method: ["GET"; 2],
+                path: ["/x"; 2],
+                service: [None; 2],
+                samples: [
+                    sample(0),
+                    with(0, |s| {
+                        s.identity.aws.iter_mut().for_each(|a| a.org_id = None);
+                    }),
+                ],
+                allow: [true, false],
+            },
+            Pair {
+                what: "principal tags",
+                method: ["POST"; 2],
+                path: ["/x"; 2],
+                service: [None; 2],
+                samples: [
+                    sample(0),
+                    with(0, |s| {
+                        s.identity.aws.iter_mut().for_each(|a| {
+                            a.tags.insert("team".into(), "billing".into());
+                        });
+                    }),
+                ],
+                allow: [true, false],
+            },
+            Pair {
+                what: "path",
+                method: ["GET"; 2],
+                path: ["/a/b", "/b/b"],
+                service: [None; 2],
+                samples: same(2),
+                allow: [true, false],
+            },
+            Pair {
+                what: "service",
+                method: ["GET"; 2],
+                path: ["/x"; 2],
+                service: [Some("orders"), Some("billing")],
+                samples: same(4),
+                allow: [true, false],
+            },
+            Pair {
+                what: "cluster",
+                method: ["GET"; 2],
+                path: ["/x"; 2],
+                service: [None; 2],
+                samples: [
+                    sample(3),
+                    with(3, |s| {
+                        if let crate::authn::Principal::K8s { cluster, .. } =
+                            &mut s.identity.principal
+                        {
+                            *cluster = "other".into();
+                        }
+                    }),
+                ],
+                allow: [true, false],
+            },
+            Pair {
+                what: "method",
+                method: ["GET", "DELETE"],
+                path: ["/x"; 2],
+                service: [None; 2],
+                samples: same(0),
+                allow: [true, false],
+            },
+            Pair {
+                what: "principal type",
+                method: ["PUT"; 2],
+                path: ["/x"; 2],
+                service: [None; 2],
+                samples: [sample(1), sample(0)],
+                allow: [true, false],
+            },
+        ]
+    }
+
+    #[test]
+    fn a_remembered_decision_is_never_another_requests() {
+        let src = r#"
+            @id("org") permit (principal, action == Action::"GET", resource) when { principal in Aws::Org::"o-sample" };
+            @id("tag") permit (principal, action == Action::"POST", resource) when { principal.hasTag("team") && principal.getTag("team") == "orders" };
+            @id("path") permit (principal is Spiffe::Id, action, resource in Http::Path::"/a/");
+            @id("service") permit (principal is Oidc::Subject, action, resource in Http::Service::"orders");
+            @id("cluster") permit (principal in K8s::Cluster::"cluster", action, resource);
+            @id("user") permit (principal is Aws::User, action == Action::"PUT", resource);
+        "#;
+        let reference = testing::reference(src);
+        let headers = HeaderMap::new();
+        for pair in pairs() {
+            // One set for both requests: the second is decided after the
+            // first was remembered.
+            let set = testing::snapshot(SHIPPED, src);
+            assert!(
+                set.decisions.is_some(),
+                "this set names no context attribute"
+            );
+            for i in 0..2 {
+                let input = AuthzInput {
+                    identity: &pair.samples[i].identity,
+                    method: pair.method[i],
+                    path: pair.path[i],
+                    query: None,
+                    headers: &headers,
+                    host: None,
+                    conn: &pair.samples[i].conn,
+                    service: pair.service[i],
+                    service_arn: None,
+                };
+                for round in ["first", "remembered"] {
+                    let d = set
+                        .decide(&input)
+                        .map_err(|e| e.to_string())
+                        .expect("decide");
+                    assert_eq!(d.allow, pair.allow[i], "{} {i} {round}", pair.what);
+                    let (allow, reasons, _) = set.decide_reference(&reference, &input);
+                    assert_eq!(
+                        (d.allow, d.policies.to_vec()),
+                        (allow, reasons),
+                        "{}",
+                        pair.what
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_set_that_names_a_context_attribute_remembers_nothing() {
+        let set = testing::snapshot(
+            SHIPPED,
+            r#"permit (principal, action, resource) when { context.host == "a" };"#,
+        );
+        assert!(set.decisions.is_none());
     }
 }

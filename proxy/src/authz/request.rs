@@ -239,6 +239,12 @@ impl Needs {
         }
     }
 
+    /// Whether no policy can observe any context attribute (and so a
+    /// trimmed context is empty).
+    pub(super) fn no_context(&self) -> bool {
+        self.context.as_ref().is_some_and(HashSet::is_empty)
+    }
+
     fn context(&self, attr: &str) -> bool {
         self.context
             .as_ref()
@@ -338,7 +344,7 @@ pub(super) fn build(fixed: &Fixed<'_>, input: &AuthzInput<'_>) -> Result<Built, 
     let names = fixed.names;
     let action = fixed.action.uid.clone();
     let mut entities: Vec<Arc<Entity>> = Vec::with_capacity(ROOM);
-    let principal = principal_entities(names, input.identity, &mut entities);
+    let principal = principal_entities(names, &Caller::of(input.identity), &mut entities);
     let service = match input.service {
         Some(name) => names.service_entity(name),
         None => fixed.service.clone(),
@@ -368,16 +374,110 @@ pub(super) fn build(fixed: &Fixed<'_>, input: &AuthzInput<'_>) -> Result<Built, 
     })
 }
 
+/// All of an identity its principal entities are built from (nothing else
+/// of it reaches them), and so all a cached decision keys them by.
+pub(super) struct Caller<'a> {
+    principal: &'a Principal,
+    org: Option<&'a str>,
+    tags: Option<&'a BTreeMap<String, String>>,
+}
+
+impl<'a> Caller<'a> {
+    pub(super) fn of(identity: &'a Identity) -> Self {
+        Self {
+            principal: &identity.principal,
+            org: identity.org_id(),
+            tags: identity.aws.as_ref().map(|aws| &aws.tags),
+        }
+    }
+
+    /// Appends every field, each length-prefixed after a variant tag, so two
+    /// callers append the same bytes only if they are the same caller.
+    fn key(&self, out: &mut Vec<u8>) {
+        match self.principal {
+            Principal::Aws(p) => {
+                out.push(match p.kind {
+                    crate::authn::AwsKind::Role => 0,
+                    crate::authn::AwsKind::User => 1,
+                });
+                text(out, &p.arn);
+                text(out, &p.account);
+                option(out, p.session_name.as_deref());
+            }
+            Principal::Spiffe(id) => {
+                out.push(2);
+                text(out, id.as_str());
+            }
+            Principal::K8s {
+                namespace,
+                name,
+                cluster,
+            } => {
+                out.push(3);
+                text(out, namespace);
+                text(out, name);
+                text(out, cluster);
+            }
+            Principal::Oidc { sub, iss } => {
+                out.push(4);
+                text(out, sub);
+                text(out, iss);
+            }
+            Principal::Anonymous => out.push(5),
+        }
+        option(out, self.org);
+        match self.tags {
+            Some(tags) => {
+                out.push(1);
+                out.extend_from_slice(&(tags.len() as u64).to_le_bytes());
+                for (k, v) in tags {
+                    text(out, k);
+                    text(out, v);
+                }
+            }
+            None => out.push(0),
+        }
+    }
+}
+
+fn text(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn option(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => {
+            out.push(1);
+            text(out, s);
+        }
+        None => out.push(0),
+    }
+}
+
+/// Everything [`build`] reads of a request when the context is left empty
+/// (`trim_context` under a set that names no attribute): method, service,
+/// path and caller. The key of a cached decision ([`super::cache`]).
+pub(super) fn key(input: &AuthzInput<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    text(&mut out, input.method);
+    option(&mut out, input.service);
+    text(&mut out, input.path);
+    Caller::of(input.identity).key(&mut out);
+    out
+}
+
 /// The principal and its parent chain (DESIGN §5).
-fn principal_entities(names: &Names, identity: &Identity, out: &mut Vec<Arc<Entity>>) -> EntityUID {
-    let (_, id) = identity.principal.uid();
-    let me = uid(names.principal_type(&identity.principal), &id);
+fn principal_entities(names: &Names, caller: &Caller<'_>, out: &mut Vec<Arc<Entity>>) -> EntityUID {
+    let principal = caller.principal;
+    let (_, id) = principal.uid();
+    let me = uid(names.principal_type(principal), &id);
     let none = || Vec::<EntityUID>::new();
     let mut tags = BTreeMap::new();
-    let (parents, further) = match &identity.principal {
+    let (parents, further) = match principal {
         Principal::Aws(p) => {
             let account = uid(&names.aws_account, &p.account);
-            let org = identity.org_id().map(|o| uid(&names.aws_org, o));
+            let org = caller.org.map(|o| uid(&names.aws_org, o));
             if let Some(org) = &org {
                 out.push(entity(org.clone(), none(), none(), BTreeMap::new()));
             }
@@ -387,9 +487,8 @@ fn principal_entities(names: &Names, identity: &Identity, out: &mut Vec<Arc<Enti
                 none(),
                 BTreeMap::new(),
             ));
-            if let Some(aws) = &identity.aws {
+            if let Some(aws) = caller.tags {
                 tags = aws
-                    .tags
                     .iter()
                     .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
                     .collect();
