@@ -68,11 +68,11 @@ fn authz(c: &mut Criterion) {
     ] {
         headers.insert(k, v.parse().expect("value"));
     }
-    let conn = ConnInfo {
-        peer: SocketAddr::from(([10, 1, 2, 3], 40000)),
-        local: SocketAddr::from(([10, 1, 2, 4], 15000)),
-        tls: None,
-    };
+    let conn = ConnInfo::new(
+        SocketAddr::from(([10, 1, 2, 3], 40000)),
+        SocketAddr::from(([10, 1, 2, 4], 15000)),
+        None,
+    );
     let mut g = c.benchmark_group("authorize");
     for n in [10, 100, 1000] {
         let set = policy_set(n);

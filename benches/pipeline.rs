@@ -97,16 +97,16 @@ fn pipeline(c: &mut Criterion) {
         max_requests: cfg.runtime.max_requests,
     };
     let svc = pipeline::build(&shared);
-    let conn = Arc::new(ConnInfo {
-        peer: "127.0.0.1:40000".parse().expect("addr"),
-        local: "127.0.0.1:15001".parse().expect("addr"),
-        tls: Some(TlsInfo {
+    let conn = Arc::new(ConnInfo::new(
+        "127.0.0.1:40000".parse().expect("addr"),
+        "127.0.0.1:15001".parse().expect("addr"),
+        Some(TlsInfo {
             version: "TLSv1.3",
             peer: Some(PeerCert::Spiffe(
                 SpiffeId::parse("spiffe://example.org/ns/shop/sa/web").expect("id"),
             )),
         }),
-    });
+    ));
     let token = issuer
         .sign(&serde_json::json!({
             "iss": ISSUER, "aud": "orders", "sub": "system:serviceaccount:shop:web",

@@ -16,16 +16,21 @@ use crate::trace::Trace;
 
 pub const LATTICE_IDENTITY: &str = "x-amzn-lattice-identity";
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
 ];
+
+const X_AMZN_LATTICE_IDENTITY: HeaderName = HeaderName::from_static(LATTICE_IDENTITY);
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Removes hop-by-hop headers, including those a `Connection` header names.
 /// `te: trailers` survives (gRPC needs it).
@@ -53,6 +58,14 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 fn escape(value: &str, out: &mut String) -> Result<(), ()> {
+    // Most values are printable ASCII with nothing to escape.
+    if value
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && !matches!(b, b';' | b'=' | b'\\'))
+    {
+        out.push_str(value);
+        return Ok(());
+    }
     for c in value.chars() {
         if c.is_control() {
             return Err(());
@@ -163,20 +176,18 @@ where
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         }
         if let Some(v) = identity.and_then(|v| HeaderValue::try_from(v).ok()) {
-            headers.insert(LATTICE_IDENTITY, v);
+            headers.insert(X_AMZN_LATTICE_IDENTITY, v);
         }
         if let Some(t) = trace {
-            if let Ok(v) = HeaderValue::try_from(t.conn.peer.ip().to_string()) {
-                headers.insert("x-forwarded-for", v);
-            }
+            headers.insert(X_FORWARDED_FOR, t.conn.forwarded_for().clone());
             let proto = if t.conn.tls.is_some() {
                 "https"
             } else {
                 "http"
             };
-            headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
             if let Ok(v) = HeaderValue::try_from(t.request_id.as_str()) {
-                headers.insert("x-request-id", v);
+                headers.insert(X_REQUEST_ID, v);
             }
         }
         self.inner.call(req)

@@ -116,11 +116,7 @@ pub async fn serve<S>(
         tokio::spawn(async move {
             let _held = (guard, slot, alive);
             let Some(config) = tls else {
-                let conn = Arc::new(ConnInfo {
-                    peer,
-                    local,
-                    tls: None,
-                });
+                let conn = Arc::new(ConnInfo::new(peer, local, None));
                 serve_conn(&builder, stream, service, conn, settings, draining).await;
                 return;
             };
@@ -149,11 +145,7 @@ pub async fn serve<S>(
                 Some(PeerCert::Spiffe(id)) => id.trust_domain(),
                 Some(PeerCert::NoSpiffe(_)) => "not_spiffe",
             });
-            let conn = Arc::new(ConnInfo {
-                peer,
-                local,
-                tls: Some(tls_info),
-            });
+            let conn = Arc::new(ConnInfo::new(peer, local, Some(tls_info)));
             serve_conn(&builder, stream, service, conn, settings, draining).await;
         });
     }

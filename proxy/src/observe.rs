@@ -125,11 +125,11 @@ where
             .get::<Arc<ConnInfo>>()
             .cloned()
             .unwrap_or_else(|| {
-                Arc::new(ConnInfo {
-                    peer: ([0, 0, 0, 0], 0).into(),
-                    local: ([0, 0, 0, 0], 0).into(),
-                    tls: None,
-                })
+                Arc::new(ConnInfo::new(
+                    ([0, 0, 0, 0], 0).into(),
+                    ([0, 0, 0, 0], 0).into(),
+                    None,
+                ))
             });
         let request_id = req
             .headers()
@@ -228,7 +228,7 @@ impl ObserveLayer {
         let line = LogLine {
             ts: &ts,
             request_id: &trace.request_id,
-            source_ip: trace.conn.peer.ip(),
+            source_ip: trace.conn.peer().ip(),
             authn,
             principal: trace.principal.get().map(String::as_str),
             action: trace.action.get().map(String::as_str),
@@ -247,8 +247,12 @@ impl ObserveLayer {
                 policy_set: &sh.policy_set,
             }),
         };
-        if let Ok(line) = serde_json::to_string(&line) {
-            self.log.write(line);
+        // Sized for a typical line, so serializing it rarely regrows.
+        let mut out = Vec::with_capacity(512);
+        if serde_json::to_writer(&mut out, &line).is_ok() {
+            if let Ok(line) = String::from_utf8(out) {
+                self.log.write(line);
+            }
         }
     }
 }

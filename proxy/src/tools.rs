@@ -131,14 +131,14 @@ pub fn decide(
         None => (target, None),
     };
     let path = normalize_path(raw_path).map_err(|e| format!("path `{raw_path}`: 400 {e}"))?;
-    let conn = ConnInfo {
-        peer: SocketAddr::new(extra.source_ip.unwrap_or(IpAddr::from([127, 0, 0, 1])), 0),
-        local: SocketAddr::new(
+    let conn = ConnInfo::new(
+        SocketAddr::new(extra.source_ip.unwrap_or(IpAddr::from([127, 0, 0, 1])), 0),
+        SocketAddr::new(
             cfg.listener.address.ip(),
             extra.port.unwrap_or(cfg.listener.address.port()),
         ),
-        tls: None,
-    };
+        None,
+    );
     let input = AuthzInput {
         identity: &identity,
         method,

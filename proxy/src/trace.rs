@@ -3,16 +3,52 @@
 //! The trace is created by the outermost layer and travels in the request's
 //! extensions; each later step records what it learned exactly once.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use http::HeaderValue;
+
 /// What the listener learned about a connection, shared by its requests.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    pub peer: SocketAddr,
+    /// Private, so that `forwarded_for` always says the same address.
+    peer: SocketAddr,
     pub local: SocketAddr,
     pub tls: Option<TlsInfo>,
+    /// The peer's address as the `x-forwarded-for` value: written once per
+    /// connection, not per request.
+    forwarded_for: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, local: SocketAddr, tls: Option<TlsInfo>) -> Self {
+        let mut text = [0u8; 48];
+        let mut cursor = std::io::Cursor::new(&mut text[..]);
+        // An address always fits and is always a valid header value.
+        let forwarded_for = match write!(cursor, "{}", peer.ip()) {
+            Ok(()) => {
+                let n = usize::try_from(cursor.position()).unwrap_or(0);
+                HeaderValue::from_bytes(text.get(..n).unwrap_or_default()).ok()
+            }
+            Err(_) => None,
+        };
+        Self {
+            peer,
+            local,
+            tls,
+            forwarded_for: forwarded_for.unwrap_or(HeaderValue::from_static("")),
+        }
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub fn forwarded_for(&self) -> &HeaderValue {
+        &self.forwarded_for
+    }
 }
 
 /// The verified TLS session of a connection.
@@ -77,6 +113,26 @@ impl Trace {
             resource: OnceLock::new(),
             decision: OnceLock::new(),
             shadow: OnceLock::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_forwarded_for_value_is_the_peer_address() {
+        for peer in [
+            "10.1.2.3:40000",
+            "[::1]:1",
+            "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535",
+            "[::ffff:255.255.255.255]:9",
+        ] {
+            let peer: SocketAddr = peer.parse().expect("addr");
+            let conn = ConnInfo::new(peer, peer, None);
+            assert_eq!(conn.forwarded_for(), peer.ip().to_string().as_str());
+            assert_eq!(conn.peer(), peer);
         }
     }
 }

@@ -632,7 +632,7 @@ fn context(
         put("port", Value::from(i64::from(input.conn.local.port())));
     }
     if want("source_ip") {
-        put("source_ip", source_ip(names, input.conn.peer.ip())?);
+        put("source_ip", source_ip(names, input.conn.peer().ip())?);
     }
     type Tags<'t> = &'t dyn Fn(&dyn Fn(&str) -> bool) -> BTreeMap<String, Vec<String>>;
     let tagged: [(&str, &EntityType, Tags<'_>); 2] = [
@@ -974,7 +974,11 @@ permit (principal, action, resource) when {
             ([10, 9, 9, 9], true),
             ([11, 0, 0, 1], false),
         ] {
-            s.conn.peer = std::net::SocketAddr::from((peer, 40000));
+            s.conn = crate::trace::ConnInfo::new(
+                std::net::SocketAddr::from((peer, 40000)),
+                s.conn.local,
+                s.conn.tls.clone(),
+            );
             let input = AuthzInput {
                 identity: &s.identity,
                 method: "GET",

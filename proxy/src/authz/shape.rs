@@ -92,16 +92,16 @@ pub(super) fn fullest(kind: usize) -> Result<Sample, String> {
                 selected: [("groups".to_owned(), vec!["g".to_owned()])].into(),
             })),
         },
-        conn: ConnInfo {
-            peer: ([127, 0, 0, 1], 1).into(),
-            local: ([127, 0, 0, 1], 2).into(),
-            tls: Some(TlsInfo {
+        conn: ConnInfo::new(
+            ([127, 0, 0, 1], 1).into(),
+            ([127, 0, 0, 1], 2).into(),
+            Some(TlsInfo {
                 version: "TLSv1.3",
                 peer: Some(PeerCert::Spiffe(SpiffeId::parse(
                     "spiffe://sample.example/peer",
                 )?)),
             }),
-        },
+        ),
         service_arn: Some("arn:aws:vpc-lattice:us-east-1:123456789012:service/svc-1"),
         network_arn: Some("arn:aws:vpc-lattice:us-east-1:123456789012:servicenetwork/sn-1"),
     })
