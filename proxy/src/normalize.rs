@@ -201,6 +201,11 @@ where
             Ok(p) => p,
             Err(e) => return reject(ProxyError::bad_request(e.to_string())),
         };
+        if path == raw.path {
+            // Already normal: the request-target stands as it came.
+            req.extensions_mut().insert(raw);
+            return futures_util::future::Either::Left(self.inner.call(req));
+        }
         let pq = match &raw.query {
             Some(q) => format!("{path}?{q}"),
             None => path,
