@@ -307,11 +307,15 @@ async fn a_cached_token_is_refused_once_its_key_is_withdrawn() {
     ready(&h).await;
     let old = sign(&rs, None, &sa_claims(iss));
     for _ in 0..2 {
-        // The second call is served from the verified-token cache.
+        // The second call is served from the verified-token cache, and
+        // logged as the first was.
         assert_eq!(
             call(&h, &old, "/api/catalog/x").await.status,
             StatusCode::OK
         );
+        let log = h.next_log();
+        assert_eq!(log["authn"], "jwt");
+        assert_eq!(log["principal"], "K8s::ServiceAccount::\"shop/checkout\"");
     }
     // The issuer withdraws the old key; a new-kid token makes warden refetch.
     server.publish(&[&es]);

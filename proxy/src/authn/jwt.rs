@@ -221,6 +221,13 @@ impl TokenCache {
     }
 }
 
+fn cache_key(token: &str) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let mut key = [0u8; 32];
+    key.copy_from_slice(digest.as_ref());
+    key
+}
+
 /// Verifies bearer tokens against the configured issuers.
 pub struct JwtVerifier {
     issuers: HashMap<String, Issuer>,
@@ -305,6 +312,30 @@ impl JwtVerifier {
         v
     }
 
+    /// What [`verify`](Self::verify) would answer from the verified-token
+    /// cache alone, without waiting: `None` when it must verify the token.
+    pub fn cached(&self, token: &str) -> Option<(Principal, Arc<Claims>)> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return None;
+        }
+        self.hit(&cache_key(token), jsonwebtoken::get_current_timestamp())
+    }
+
+    /// A cached verdict that has not expired and whose issuer's key set is
+    /// the one it was verified with.
+    fn hit(&self, key: &[u8; 32], now: u64) -> Option<(Principal, Arc<Claims>)> {
+        if !self.cache_enabled {
+            return None;
+        }
+        let hit = self.cache.get(key, now)?;
+        let generation = self
+            .issuers
+            .get(&hit.claims.iss)
+            .and_then(|i| i.source.current())
+            .map(|k| k.generation);
+        (generation == Some(hit.generation)).then_some((hit.principal, hit.claims))
+    }
+
     /// Verifies `token` and maps it to a principal.
     pub async fn verify(&self, token: &str) -> Result<(Principal, Arc<Claims>), JwtError> {
         if token.len() > MAX_TOKEN_BYTES {
@@ -315,21 +346,10 @@ impl JwtVerifier {
         // for its life); what can change since is the clock and the issuer's
         // key set, and the cache checks both. So look it up first, before
         // decoding anything.
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
-        let mut cache_key = [0u8; 32];
-        cache_key.copy_from_slice(digest.as_ref());
+        let cache_key = cache_key(token);
         let now = jsonwebtoken::get_current_timestamp();
-        if self.cache_enabled {
-            if let Some(hit) = self.cache.get(&cache_key, now) {
-                let generation = self
-                    .issuers
-                    .get(&hit.claims.iss)
-                    .and_then(|i| i.source.current())
-                    .map(|k| k.generation);
-                if generation == Some(hit.generation) {
-                    return Ok((hit.principal, hit.claims));
-                }
-            }
+        if let Some(hit) = self.hit(&cache_key, now) {
+            return Ok(hit);
         }
         let mut parts = token.split('.');
         let (Some(h), Some(p), Some(_), None) =

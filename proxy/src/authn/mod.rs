@@ -551,24 +551,30 @@ async fn authenticate(
             };
             Ok((req, identity))
         }
-        Presented::Peer(Some(PeerCert::Spiffe(id))) => {
+        Presented::Peer(peer) => peer_identity(&authn, peer).map(|id| (req, id)),
+    }
+}
+
+/// The caller a connection's client certificate names, or anonymous.
+fn peer_identity(authn: &Authenticator, peer: Option<PeerCert>) -> Result<Identity, ProxyError> {
+    match peer {
+        Some(PeerCert::Spiffe(id)) => {
             if let Some(tds) = &authn.mtls_trust_domains {
                 if !tds.iter().any(|td| td == id.trust_domain()) {
                     return Err(unauth("mtls", "trust_domain", "trust domain not allowed"));
                 }
             }
-            let identity = Identity {
+            Ok(Identity {
                 principal: Principal::Spiffe(id),
                 method: "mtls",
                 aws: None,
                 jwt: None,
-            };
-            Ok((req, identity))
+            })
         }
-        Presented::Peer(Some(PeerCert::NoSpiffe(reason))) if reason != mtls::NO_URI_SAN => {
+        Some(PeerCert::NoSpiffe(reason)) if reason != mtls::NO_URI_SAN => {
             Err(unauth("mtls", "invalid_spiffe_id", reason))
         }
-        Presented::Peer(_) => Ok((req, Identity::anonymous())),
+        _ => Ok(Identity::anonymous()),
     }
 }
 
@@ -615,29 +621,70 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let snapshot = self.authn.load_full();
         // Take the service that was driven to readiness; leave a clone behind.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        // Most requests are answered without waiting (a cached token, a peer
+        // certificate, a refusal): they skip the future that can wait for a
+        // key set, a body or STS, which is kilobytes to build per request.
+        if let Some(result) = authenticate_now(&snapshot, &req) {
+            let trace = req.extensions().get::<Arc<Trace>>();
+            record(trace.map(|t| &**t), result.as_ref());
+            return match result {
+                Ok(identity) => {
+                    req.extensions_mut().insert(identity);
+                    Box::pin(inner.call(req))
+                }
+                Err(e) => Box::pin(std::future::ready(Err(e))),
+            };
+        }
         Box::pin(async move {
             let trace = req.extensions().get::<Arc<Trace>>().cloned();
             let result = authenticate(snapshot, req).await;
-            if let Some(t) = &trace {
-                let method = match &result {
-                    Ok((_, id)) => id.method,
-                    Err(ProxyError::Unauthenticated { method, .. }) => method,
-                    Err(_) => "none",
-                };
-                let _ = t.authn.set(method);
-            }
+            record(trace.as_deref(), result.as_ref().map(|(_, id)| id));
             let (mut req, identity) = result?;
-            if let Some(t) = &trace {
-                let _ = t.principal.set(identity.principal.to_string());
-            }
             req.extensions_mut().insert(identity);
             inner.call(req).await
         })
+    }
+}
+
+/// What [`authenticate`] would answer, when it can be had without waiting.
+fn authenticate_now(
+    authn: &Authenticator,
+    req: &Request<Body>,
+) -> Option<Result<Identity, ProxyError>> {
+    match presented(authn, req) {
+        Err(e) => Some(Err(e)),
+        Ok(Presented::Bearer(token)) => authn.jwt.cached(&token).map(|(principal, claims)| {
+            Ok(Identity {
+                principal,
+                method: "jwt",
+                aws: None,
+                jwt: Some(claims),
+            })
+        }),
+        Ok(Presented::Peer(peer)) => Some(peer_identity(authn, peer)),
+        Ok(Presented::SigV4 { .. } | Presented::Sts(_)) => None,
+    }
+}
+
+/// Writes who (or which failed method) a request's authentication found
+/// into its trace.
+fn record(trace: Option<&Trace>, outcome: Result<&Identity, &ProxyError>) {
+    let Some(t) = trace else {
+        return;
+    };
+    let method = match outcome {
+        Ok(id) => id.method,
+        Err(ProxyError::Unauthenticated { method, .. }) => method,
+        Err(_) => "none",
+    };
+    let _ = t.authn.set(method);
+    if let Ok(id) = outcome {
+        let _ = t.principal.set(id.principal.to_string());
     }
 }
 
