@@ -190,7 +190,9 @@ impl Service<Request<Body>> for Forward {
             .extensions()
             .get::<crate::route::Route>()
             .map_or(0, |r| r.index + 1);
-        let client = self.clients.get(index).cloned();
+        // The shared list, not a clone of the client: a client is hundreds
+        // of bytes and several reference counts to copy per request.
+        let clients = self.clients.clone();
         let version = self.version;
         let timeout = self.request_timeout;
         let metrics = self.metrics.clone();
@@ -199,7 +201,7 @@ impl Service<Request<Body>> for Forward {
         // a closing HTTP/1.0 one).
         let downstream = req.version();
         Box::pin(async move {
-            let Some(client) = client else {
+            let Some(client) = clients.get(index) else {
                 return Err(ProxyError::NoRoute);
             };
             // An HTTP/2 request names its host in `:authority`; HTTP/1.1 needs `host`.
