@@ -2,8 +2,9 @@
 //!
 //! Policies and schema are parsed and strictly validated once, off the request
 //! path, into a [`PolicySnapshot`]. Per request only the principal, resource
-//! and context are built. Default deny; `forbid` wins. Every policy is named
-//! by its `@id` (else `<file>:<index>`).
+//! and context are built, and under a set that names no context attribute a
+//! request seen before is not built at all ([`cache`]). Default deny; `forbid`
+//! wins. Every policy is named by its `@id` (else `<file>:<index>`).
 
 mod cache;
 mod index;
