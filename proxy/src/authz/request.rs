@@ -391,39 +391,32 @@ impl<'a> Caller<'a> {
         }
     }
 
-    /// Appends every field, each length-prefixed after a variant tag, so two
-    /// callers append the same bytes only if they are the same caller.
+    /// Appends every field, each length-prefixed after the principal's
+    /// [`kind`], so two callers append the same bytes only if they are the
+    /// same caller.
     fn key(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(kind(self.principal) as u64).to_le_bytes());
         match self.principal {
             Principal::Aws(p) => {
-                out.push(match p.kind {
-                    crate::authn::AwsKind::Role => 0,
-                    crate::authn::AwsKind::User => 1,
-                });
                 text(out, &p.arn);
                 text(out, &p.account);
                 option(out, p.session_name.as_deref());
             }
-            Principal::Spiffe(id) => {
-                out.push(2);
-                text(out, id.as_str());
-            }
+            Principal::Spiffe(id) => text(out, id.as_str()),
             Principal::K8s {
                 namespace,
                 name,
                 cluster,
             } => {
-                out.push(3);
                 text(out, namespace);
                 text(out, name);
                 text(out, cluster);
             }
             Principal::Oidc { sub, iss } => {
-                out.push(4);
                 text(out, sub);
                 text(out, iss);
             }
-            Principal::Anonymous => out.push(5),
+            Principal::Anonymous => {}
         }
         option(out, self.org);
         match self.tags {
