@@ -3,7 +3,6 @@
 //! The trace is created by the outermost layer and travels in the request's
 //! extensions; each later step records what it learned exactly once.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -24,21 +23,14 @@ pub struct ConnInfo {
 
 impl ConnInfo {
     pub fn new(peer: SocketAddr, local: SocketAddr, tls: Option<TlsInfo>) -> Self {
-        let mut text = [0u8; 48];
-        let mut cursor = std::io::Cursor::new(&mut text[..]);
-        // An address always fits and is always a valid header value.
-        let forwarded_for = match write!(cursor, "{}", peer.ip()) {
-            Ok(()) => {
-                let n = usize::try_from(cursor.position()).unwrap_or(0);
-                HeaderValue::from_bytes(text.get(..n).unwrap_or_default()).ok()
-            }
-            Err(_) => None,
-        };
+        // An address's text is always a valid header value.
+        let forwarded_for =
+            HeaderValue::try_from(peer.ip().to_string()).unwrap_or(HeaderValue::from_static(""));
         Self {
             peer,
             local,
             tls,
-            forwarded_for: forwarded_for.unwrap_or(HeaderValue::from_static("")),
+            forwarded_for,
         }
     }
 
