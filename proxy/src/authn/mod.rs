@@ -499,12 +499,13 @@ fn presented(authn: &Authenticator, req: &Request<Body>) -> Result<Presented, Pr
     ))
 }
 
-/// Verifies the credential a request carries.
+/// Verifies the credential a request carries (as [`presented`] read it).
 async fn authenticate(
     authn: Arc<Authenticator>,
     req: Request<Body>,
+    presented: Presented,
 ) -> Result<(Request<Body>, Identity), ProxyError> {
-    match presented(&authn, &req)? {
+    match presented {
         Presented::SigV4 { presigned } => authenticate_sigv4(authn, req, presigned).await,
         Presented::Sts(token) => {
             let Some(verifier) = authn.sts.as_ref() else {
@@ -629,20 +630,23 @@ where
         // Most requests are answered without waiting (a cached token, a peer
         // certificate, a refusal): they skip the future that can wait for a
         // key set, a body or STS, which is kilobytes to build per request.
-        if let Some(result) = authenticate_now(&snapshot, &req) {
-            let trace = req.extensions().get::<Arc<Trace>>();
-            record(trace.map(|t| &**t), result.as_ref());
-            return match result {
-                Ok(identity) => {
-                    req.extensions_mut().insert(identity);
-                    Box::pin(inner.call(req))
-                }
-                Err(e) => Box::pin(std::future::ready(Err(e))),
-            };
-        }
+        let presented = match authenticate_now(&snapshot, &req) {
+            Now::Wait(presented) => presented,
+            Now::Done(result) => {
+                let trace = req.extensions().get::<Arc<Trace>>();
+                record(trace.map(|t| &**t), result.as_ref());
+                return match result {
+                    Ok(identity) => {
+                        req.extensions_mut().insert(identity);
+                        Box::pin(inner.call(req))
+                    }
+                    Err(e) => Box::pin(std::future::ready(Err(e))),
+                };
+            }
+        };
         Box::pin(async move {
             let trace = req.extensions().get::<Arc<Trace>>().cloned();
-            let result = authenticate(snapshot, req).await;
+            let result = authenticate(snapshot, req, presented).await;
             record(trace.as_deref(), result.as_ref().map(|(_, id)| id));
             let (mut req, identity) = result?;
             req.extensions_mut().insert(identity);
@@ -651,23 +655,28 @@ where
     }
 }
 
+/// Whether a request's authentication is answered at once.
+enum Now {
+    Done(Result<Identity, ProxyError>),
+    /// [`authenticate`] must verify this credential, and may wait.
+    Wait(Presented),
+}
+
 /// What [`authenticate`] would answer, when it can be had without waiting.
-fn authenticate_now(
-    authn: &Authenticator,
-    req: &Request<Body>,
-) -> Option<Result<Identity, ProxyError>> {
+fn authenticate_now(authn: &Authenticator, req: &Request<Body>) -> Now {
     match presented(authn, req) {
-        Err(e) => Some(Err(e)),
-        Ok(Presented::Bearer(token)) => authn.jwt.cached(&token).map(|(principal, claims)| {
-            Ok(Identity {
+        Err(e) => Now::Done(Err(e)),
+        Ok(Presented::Bearer(token)) => match authn.jwt.cached(&token) {
+            Some((principal, claims)) => Now::Done(Ok(Identity {
                 principal,
                 method: "jwt",
                 aws: None,
                 jwt: Some(claims),
-            })
-        }),
-        Ok(Presented::Peer(peer)) => Some(peer_identity(authn, peer)),
-        Ok(Presented::SigV4 { .. } | Presented::Sts(_)) => None,
+            })),
+            None => Now::Wait(Presented::Bearer(token)),
+        },
+        Ok(Presented::Peer(peer)) => Now::Done(peer_identity(authn, peer)),
+        Ok(wait @ (Presented::SigV4 { .. } | Presented::Sts(_))) => Now::Wait(wait),
     }
 }
 
