@@ -1,6 +1,7 @@
 //! Step 6: forward an allowed request to the local service.
 //!
-//! A pooled hyper client over TCP or a Unix socket; bodies stream both ways.
+//! Kept-alive connections over TCP or a Unix socket (`pool` for HTTP/1.1,
+//! hyper-util's client for HTTP/2); bodies stream both ways.
 //! The upstream receives the normalized path. A refused connection is 502, a
 //! timeout 504.
 
@@ -12,6 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{header, HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -23,6 +25,7 @@ use crate::body::{self, Body};
 use crate::config::{UpstreamAddr, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::metrics::{KindLabels, Metrics};
+use crate::pool::{Lease, Pool, SendError};
 
 /// A connection to the upstream.
 pub enum Stream {
@@ -93,45 +96,75 @@ impl Service<Uri> for Connector {
     fn call(&mut self, _: Uri) -> Self::Future {
         let addr = self.addr.clone();
         let timeout = self.timeout;
-        Box::pin(async move {
-            let connect = async {
-                match &*addr {
-                    UpstreamAddr::Tcp(a) => {
-                        let s = TcpStream::connect(a.as_str()).await?;
-                        s.set_nodelay(true)?;
-                        Ok(Stream::Tcp(s))
-                    }
-                    UpstreamAddr::Unix(p) => UnixStream::connect(p).await.map(Stream::Unix),
-                }
-            };
-            match tokio::time::timeout(timeout, connect).await {
-                Ok(r) => r.map(TokioIo::new),
-                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
-            }
-        })
+        Box::pin(async move { connect(&addr, timeout).await.map(TokioIo::new) })
     }
+}
+
+/// A new connection to `addr`; a `TimedOut` error after `timeout`.
+pub async fn connect(addr: &UpstreamAddr, timeout: Duration) -> io::Result<Stream> {
+    let connect = async {
+        match addr {
+            UpstreamAddr::Tcp(a) => {
+                let s = TcpStream::connect(a.as_str()).await?;
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+            UpstreamAddr::Unix(p) => UnixStream::connect(p).await.map(Stream::Unix),
+        }
+    };
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    }
+}
+
+/// How requests reach one upstream.
+enum Upstream {
+    /// HTTP/1.1: kept-alive connections in warden's own pool.
+    Http1(Arc<Pool>),
+    /// HTTP/2 with prior knowledge: hyper-util's client, one multiplexed connection.
+    Http2(Box<Client<Connector, Body>>),
+}
+
+impl Upstream {
+    fn new(addr: &UpstreamAddr, connect_timeout: Duration, h2: bool) -> Self {
+        if !h2 {
+            let pool = Pool::new(addr.clone(), connect_timeout, IDLE_TIMEOUT);
+            return Self::Http1(Arc::new(pool));
+        }
+        let connector = Connector {
+            addr: Arc::new(addr.clone()),
+            timeout: connect_timeout,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .set_host(false)
+            .http2_only(true)
+            .build(connector);
+        Self::Http2(Box::new(client))
+    }
+}
+
+/// How long an idle upstream connection is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why the upstream gave no response.
+enum Failure {
+    /// The request timeout.
+    Timeout,
+    ConnectTimeout,
+    Connect(String),
+    Protocol(String),
 }
 
 /// The innermost service: sends the request to the upstream.
 #[derive(Clone)]
 pub struct Forward {
-    /// The `[upstream]` client, then one per `[[route]]`, in order.
-    clients: Arc<Vec<Client<Connector, Body>>>,
+    /// The `[upstream]`, then one per `[[route]]`, in order.
+    upstreams: Arc<Vec<Upstream>>,
     version: Version,
     request_timeout: Duration,
     metrics: Arc<Metrics>,
-}
-
-fn client(addr: &UpstreamAddr, connect_timeout: Duration, h2: bool) -> Client<Connector, Body> {
-    let connector = Connector {
-        addr: Arc::new(addr.clone()),
-        timeout: connect_timeout,
-    };
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .set_host(false)
-        .http2_only(h2)
-        .build(connector)
 }
 
 impl Forward {
@@ -141,12 +174,12 @@ impl Forward {
         metrics: Arc<Metrics>,
     ) -> Self {
         let h2 = cfg.protocol == crate::config::UpstreamProtocol::H2;
-        let clients = std::iter::once(&cfg.address)
+        let upstreams = std::iter::once(&cfg.address)
             .chain(routes.iter().map(|r| &r.upstream))
-            .map(|addr| client(addr, cfg.connect_timeout, h2))
+            .map(|addr| Upstream::new(addr, cfg.connect_timeout, h2))
             .collect();
         Self {
-            clients: Arc::new(clients),
+            upstreams: Arc::new(upstreams),
             version: if h2 {
                 Version::HTTP_2
             } else {
@@ -167,13 +200,54 @@ impl Forward {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(http::uri::Scheme::HTTP);
         parts.authority = Some(authority);
-        parts.path_and_query = Some(
-            uri.path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-        );
+        parts.path_and_query = Some(origin_form(uri));
         Uri::from_parts(parts).map_err(|_| ProxyError::bad_request("malformed request target"))
     }
+
+    /// Sends `req` on `upstream`: the response, and the lease on a pooled
+    /// HTTP/1.1 connection that its body gives back.
+    async fn send(
+        upstream: &Upstream,
+        req: Request<Body>,
+        timeout: Duration,
+    ) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
+        match upstream {
+            Upstream::Http1(pool) => match tokio::time::timeout(timeout, pool.send(req)).await {
+                Err(_) => Err(Failure::Timeout),
+                Ok(Ok((rsp, lease))) => Ok((rsp, Some(lease))),
+                Ok(Err(SendError::Connect(e))) if e.kind() == io::ErrorKind::TimedOut => {
+                    Err(Failure::ConnectTimeout)
+                }
+                Ok(Err(SendError::Connect(e))) => Err(Failure::Connect(e.to_string())),
+                Ok(Err(SendError::Request(e))) => Err(Failure::Protocol(e.to_string())),
+            },
+            Upstream::Http2(client) => {
+                match tokio::time::timeout(timeout, client.request(req)).await {
+                    Err(_) => Err(Failure::Timeout),
+                    Ok(Ok(rsp)) => Ok((rsp, None)),
+                    Ok(Err(e)) => {
+                        let timed_out = std::error::Error::source(&e)
+                            .and_then(|s| s.downcast_ref::<io::Error>())
+                            .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut);
+                        Err(if timed_out {
+                            Failure::ConnectTimeout
+                        } else if e.is_connect() {
+                            Failure::Connect(e.to_string())
+                        } else {
+                            Failure::Protocol(e.to_string())
+                        })
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The request's path and query: what an HTTP/1.1 upstream is sent.
+fn origin_form(uri: &Uri) -> http::uri::PathAndQuery {
+    uri.path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
 }
 
 impl Service<Request<Body>> for Forward {
@@ -190,9 +264,8 @@ impl Service<Request<Body>> for Forward {
             .extensions()
             .get::<crate::route::Route>()
             .map_or(0, |r| r.index + 1);
-        // The shared list, not a clone of the client: a client is hundreds
-        // of bytes and several reference counts to copy per request.
-        let clients = self.clients.clone();
+        // The shared list, not a clone of one upstream's client.
+        let upstreams = self.upstreams.clone();
         let version = self.version;
         let timeout = self.request_timeout;
         let metrics = self.metrics.clone();
@@ -201,7 +274,7 @@ impl Service<Request<Body>> for Forward {
         // a closing HTTP/1.0 one).
         let downstream = req.version();
         Box::pin(async move {
-            let Some(client) = clients.get(index) else {
+            let Some(upstream) = upstreams.get(index) else {
                 return Err(ProxyError::NoRoute);
             };
             // An HTTP/2 request names its host in `:authority`; HTTP/1.1 needs `host`.
@@ -214,11 +287,13 @@ impl Service<Request<Body>> for Forward {
                     req.headers_mut().insert(header::HOST, v);
                 }
             }
-            *req.uri_mut() = Forward::target(req.uri(), req.headers().get(header::HOST))?;
             *req.version_mut() = version;
             if version == Version::HTTP_2 {
+                *req.uri_mut() = Forward::target(req.uri(), req.headers().get(header::HOST))?;
                 // `:authority` carries the host on HTTP/2.
                 req.headers_mut().remove(header::HOST);
+            } else {
+                *req.uri_mut() = Uri::from(origin_form(req.uri()));
             }
             // A WebSocket upgrade: keep the client's side of the upgrade to splice.
             let client_upgrade = req
@@ -232,63 +307,63 @@ impl Service<Request<Body>> for Forward {
                     .get_or_create(&KindLabels { kind })
                     .inc();
             };
-            match tokio::time::timeout(timeout, client.request(req)).await {
-                Err(_) => {
+            let (mut rsp, lease) = match Forward::send(upstream, req, timeout).await {
+                Ok(sent) => sent,
+                Err(Failure::Timeout) => {
                     fail("timeout");
-                    Err(ProxyError::UpstreamTimeout)
+                    return Err(ProxyError::UpstreamTimeout);
                 }
-                Ok(Err(e)) => {
-                    let timed_out = std::error::Error::source(&e)
-                        .and_then(|s| s.downcast_ref::<io::Error>())
-                        .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut);
-                    if timed_out {
-                        fail("connect_timeout");
-                        Err(ProxyError::UpstreamTimeout)
-                    } else if e.is_connect() {
-                        fail("connect");
-                        tracing::warn!(error = %e, "upstream connect failed");
-                        Err(ProxyError::UpstreamUnavailable(
-                            "upstream connection failed".into(),
-                        ))
-                    } else {
-                        fail("protocol");
-                        tracing::warn!(error = %e, "upstream request failed");
-                        Err(ProxyError::UpstreamUnavailable(
-                            "upstream request failed".into(),
-                        ))
+                Err(Failure::ConnectTimeout) => {
+                    fail("connect_timeout");
+                    return Err(ProxyError::UpstreamTimeout);
+                }
+                Err(Failure::Connect(e)) => {
+                    fail("connect");
+                    tracing::warn!(error = %e, "upstream connect failed");
+                    return Err(ProxyError::UpstreamUnavailable(
+                        "upstream connection failed".into(),
+                    ));
+                }
+                Err(Failure::Protocol(e)) => {
+                    fail("protocol");
+                    tracing::warn!(error = %e, "upstream request failed");
+                    return Err(ProxyError::UpstreamUnavailable(
+                        "upstream request failed".into(),
+                    ));
+                }
+            };
+            if rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                // The upgraded connection is the splice's, never the pool's.
+                drop(lease);
+                let Some(client_upgrade) = client_upgrade else {
+                    fail("protocol");
+                    return Err(ProxyError::UpstreamUnavailable(
+                        "unexpected upgrade from upstream".into(),
+                    ));
+                };
+                let upstream_upgrade = hyper::upgrade::on(&mut rsp);
+                tokio::spawn(async move {
+                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                        Ok((client, upstream)) => {
+                            let mut client = TokioIo::new(client);
+                            let mut upstream = TokioIo::new(upstream);
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
                     }
-                }
-                Ok(Ok(mut rsp)) => {
-                    if rsp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                        let Some(client_upgrade) = client_upgrade else {
-                            fail("protocol");
-                            return Err(ProxyError::UpstreamUnavailable(
-                                "unexpected upgrade from upstream".into(),
-                            ));
-                        };
-                        let upstream_upgrade = hyper::upgrade::on(&mut rsp);
-                        tokio::spawn(async move {
-                            match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                                Ok((client, upstream)) => {
-                                    let mut client = TokioIo::new(client);
-                                    let mut upstream = TokioIo::new(upstream);
-                                    let _ =
-                                        tokio::io::copy_bidirectional(&mut client, &mut upstream)
-                                            .await;
-                                }
-                                Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
-                            }
-                        });
-                        let (mut parts, body) = rsp.into_parts();
-                        parts.version = downstream;
-                        return Ok(Response::from_parts(parts, body::boxed(body)));
-                    }
-                    let (mut parts, body) = rsp.into_parts();
-                    parts.version = downstream;
-                    crate::identity::remove_hop_by_hop(&mut parts.headers);
-                    Ok(Response::from_parts(parts, body::boxed(body)))
-                }
+                });
+                let (mut parts, body) = rsp.into_parts();
+                parts.version = downstream;
+                return Ok(Response::from_parts(parts, body::boxed(body)));
             }
+            let (mut parts, body) = rsp.into_parts();
+            parts.version = downstream;
+            crate::identity::remove_hop_by_hop(&mut parts.headers);
+            let body = match lease {
+                Some(lease) => body::boxed(lease.body(body)),
+                None => body::boxed(body),
+            };
+            Ok(Response::from_parts(parts, body))
         })
     }
 }

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod normalize;
 pub mod observe;
 pub mod pipeline;
+pub mod pool;
 pub mod reload;
 pub mod route;
 pub mod shed;
