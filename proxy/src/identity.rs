@@ -35,6 +35,14 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Removes hop-by-hop headers, including those a `Connection` header names.
 /// `te: trailers` survives (gRPC needs it).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (a `Connection` header
+    // is itself hop-by-hop) instead of a lookup per name.
+    let any = headers
+        .keys()
+        .any(|k| HOP_BY_HOP.contains(k) || k == header::TRANSFER_ENCODING);
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -212,6 +220,15 @@ mod tests {
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["x-app"], "keep");
+        // Each one alone is found and removed.
+        for name in HOP_BY_HOP.iter().chain([&header::TRANSFER_ENCODING]) {
+            let mut h = HeaderMap::new();
+            h.insert(name, "x".parse().unwrap());
+            h.insert("x-app", "keep".parse().unwrap());
+            remove_hop_by_hop(&mut h);
+            assert!(!h.contains_key(name), "{name} stayed");
+            assert_eq!(h.len(), 1, "{h:?}");
+        }
     }
 
     #[test]

@@ -42,7 +42,13 @@ pub fn new_request_id() -> String {
             .unwrap_or_default();
         return format!("{t:x}-{n:x}");
     }
-    hex::encode(bytes)
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(32);
+    for b in bytes {
+        id.push(char::from(HEX[usize::from(b >> 4)]));
+        id.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    id
 }
 
 /// 16 bytes from the system RNG, drawn from a per-thread buffer filled 256
@@ -327,6 +333,11 @@ mod tests {
         assert!(!valid_request_id(&[b'a'; 129]));
         let a = new_request_id();
         assert_eq!(a.len(), 32);
+        assert!(
+            a.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+            "{a}"
+        );
         assert_ne!(a, new_request_id());
         // Across refills of the per-thread buffer, every id is new.
         let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_request_id()).collect();

@@ -147,7 +147,18 @@ impl Principal {
 impl fmt::Display for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (ty, id) = self.uid();
-        write!(f, "{ty}::{id:?}")
+        // Printable ASCII other than a quote or a backslash is what `{:?}` leaves as it is.
+        let plain = id
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+        if plain {
+            f.write_str(ty)?;
+            f.write_str("::\"")?;
+            f.write_str(&id)?;
+            f.write_str("\"")
+        } else {
+            write!(f, "{ty}::{id:?}")
+        }
     }
 }
 
@@ -700,6 +711,26 @@ fn record(trace: Option<&Trace>, outcome: Result<&Identity, &ProxyError>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_principal_prints_as_its_type_and_debug_quoted_id() {
+        let mut ids: Vec<String> = (0u8..0x80)
+            .map(|b| format!("a{}b", char::from(b)))
+            .collect();
+        ids.extend(
+            [
+                "", "plain-id", "é", "\u{200b}", "\u{7f}", "tab\tq\"", "x\\y",
+            ]
+            .map(String::from),
+        );
+        for sub in ids {
+            let p = Principal::Oidc {
+                sub: sub.clone(),
+                iss: "https://issuer".into(),
+            };
+            assert_eq!(p.to_string(), format!("Oidc::Subject::{sub:?}"), "{sub:?}");
+        }
+    }
 
     #[test]
     fn maps_arns() {
