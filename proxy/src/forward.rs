@@ -372,6 +372,32 @@ impl Service<Request<Body>> for Forward {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn an_upstream_that_takes_the_request_and_never_answers_is_a_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (accepted, mut took) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (conn, _) = listener.accept().await.unwrap();
+            accepted.send(()).unwrap();
+            std::future::pending::<()>().await;
+            drop(conn);
+        });
+        for h2 in [false, true] {
+            let upstream =
+                Upstream::new(&UpstreamAddr::Tcp(addr.clone()), Duration::from_secs(5), h2);
+            let req = Request::get("http://a/x")
+                .header(header::HOST, "a")
+                .body(body::empty())
+                .unwrap();
+            let sent = Forward::send(&upstream, req, Duration::from_millis(200)).await;
+            assert!(matches!(sent, Err(Failure::Timeout)), "h2: {h2}");
+            if !h2 {
+                took.recv().await.unwrap();
+            }
+        }
+    }
+
     #[test]
     fn the_target_keeps_path_and_query_and_takes_a_valid_host_only() {
         let uri: Uri = "/a/b?x=1&y=%2F".parse().unwrap();
