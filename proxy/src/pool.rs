@@ -7,10 +7,10 @@
 //! between the pool and the write) goes out on another connection, as
 //! hyper-util's client does; a request on a new connection is never retried.
 //!
-//! This does per request what hyper-util's legacy client does, less: no task
-//! spawned to wait for the connection to become ready again (the connection's
-//! own task has marked it ready by the time its last body frame arrives), no
-//! keyed map behind the lock, no boxed future.
+//! Per request it does less than hyper-util's legacy client: it spawns no task
+//! to wait for the connection to be ready again (the connection's own task has
+//! marked it ready by the time the last body frame arrives), keeps no keyed map
+//! behind its lock, and boxes no future.
 
 use std::collections::VecDeque;
 use std::io;
