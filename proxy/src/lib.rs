@@ -33,6 +33,17 @@ pub mod strip;
 pub mod tools;
 pub mod trace;
 
+/// Appends `bytes` as lowercase hex: a table lookup per nibble, where
+/// `hex::encode` goes through a char iterator and a second `String`.
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for &b in bytes {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+}
+
 /// Installs the one crypto provider used for everything (aws-lc-rs). Idempotent.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();

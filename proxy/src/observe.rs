@@ -42,12 +42,8 @@ pub fn new_request_id() -> String {
             .unwrap_or_default();
         return format!("{t:x}-{n:x}");
     }
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = String::with_capacity(32);
-    for b in bytes {
-        id.push(char::from(HEX[usize::from(b >> 4)]));
-        id.push(char::from(HEX[usize::from(b & 0xf)]));
-    }
+    crate::push_hex(&mut id, &bytes);
     id
 }
 

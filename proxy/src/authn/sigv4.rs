@@ -113,13 +113,24 @@ pub struct Auth {
 
 impl Auth {
     pub fn scope(&self) -> String {
-        match self.algorithm {
-            SigAlg::V4 => format!(
-                "{}/{}/{}/aws4_request",
-                self.date, self.region, self.service
-            ),
-            SigAlg::V4a => format!("{}/{}/aws4_request", self.date, self.service),
+        let region = match self.algorithm {
+            SigAlg::V4 => Some(self.region.as_str()),
+            SigAlg::V4a => None,
+        };
+        let mut scope = String::with_capacity(64);
+        for part in [
+            Some(self.date.as_str()),
+            region,
+            Some(self.service.as_str()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            scope.push_str(part);
+            scope.push('/');
         }
+        scope.push_str("aws4_request");
+        scope
     }
 }
 
@@ -483,7 +494,9 @@ pub fn canonical_request(
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(digest::digest(&digest::SHA256, data))
+    let mut out = String::with_capacity(64);
+    crate::push_hex(&mut out, digest::digest(&digest::SHA256, data).as_ref());
+    out
 }
 
 pub fn string_to_sign(
@@ -492,11 +505,14 @@ pub fn string_to_sign(
     scope: &str,
     canonical_request: &[u8],
 ) -> String {
-    format!(
-        "{}\n{amz_date}\n{scope}\n{}",
-        alg.as_str(),
-        sha256_hex(canonical_request)
-    )
+    let alg = alg.as_str();
+    let mut out = String::with_capacity(alg.len() + amz_date.len() + scope.len() + 67);
+    for part in [alg, "\n", amz_date, "\n", scope, "\n"] {
+        out.push_str(part);
+    }
+    let hash = digest::digest(&digest::SHA256, canonical_request);
+    crate::push_hex(&mut out, hash.as_ref());
+    out
 }
 
 /// Whether a SigV4A region set (`us-east-1,eu-*` or `*`) covers `region`.
@@ -630,7 +646,12 @@ impl KeyCache {
         region: &str,
         service: &str,
     ) -> Zeroizing<[u8; 32]> {
-        let id = format!("{}/{date}/{region}/{service}", credential.access_key_id);
+        let mut id = String::with_capacity(96);
+        id.push_str(&credential.access_key_id);
+        for part in [date, region, service] {
+            id.push('/');
+            id.push_str(part);
+        }
         if let Some(k) = self.keys.lock().ok().and_then(|m| m.get(&id).cloned()) {
             return k;
         }
