@@ -113,23 +113,16 @@ pub struct Auth {
 
 impl Auth {
     pub fn scope(&self) -> String {
-        let region = match self.algorithm {
-            SigAlg::V4 => Some(self.region.as_str()),
-            SigAlg::V4a => None,
-        };
         let mut scope = String::with_capacity(64);
-        for part in [
-            Some(self.date.as_str()),
-            region,
-            Some(self.service.as_str()),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            scope.push_str(part);
+        scope.push_str(&self.date);
+        scope.push('/');
+        if self.algorithm == SigAlg::V4 {
+            // SigV4A scopes name no region; the region set is signed instead.
+            scope.push_str(&self.region);
             scope.push('/');
         }
-        scope.push_str("aws4_request");
+        scope.push_str(&self.service);
+        scope.push_str("/aws4_request");
         scope
     }
 }
