@@ -106,6 +106,15 @@ pub fn load(cfg: &Config) -> Result<Loaded, String> {
     })
 }
 
+/// Draws from the system RNG once before serving. Its first use gathers
+/// entropy for tens of milliseconds, which would otherwise land on the
+/// first TLS handshake; an RNG that cannot be used stops start-up, since no
+/// handshake could succeed without it.
+fn seed_rng() -> Result<(), String> {
+    aws_lc_rs::rand::fill(&mut [0u8; 16])
+        .map_err(|_| "the system random number generator is unavailable".to_owned())
+}
+
 /// Starts one background refresher per remote key set.
 fn spawn_refreshers(authn: &Authenticator, metrics: &Arc<Metrics>) -> Result<(), String> {
     for issuer in authn.jwt.issuers() {
@@ -140,6 +149,7 @@ impl App {
     /// Loads `cfg` and binds the proxy and admin listeners.
     pub async fn bind(cfg: Config, log: DecisionLog) -> Result<Self, String> {
         let loaded = load(&cfg)?;
+        seed_rng()?;
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::register(&mut registry));
         metrics
