@@ -110,8 +110,8 @@ REASONS = {
     "scope date": (lambda h: {**h, "Authorization": h["Authorization"].replace("Credential=" + ACCESS_KEY + "/2", "Credential=" + ACCESS_KEY + "/1")}, "date does not match"),
     "host unsigned": (lambda h: {**h, "Authorization": h["Authorization"].replace("SignedHeaders=host;", "SignedHeaders=")}, "`host` must be signed"),
     "missing signed header": (lambda h: {**h, "Authorization": h["Authorization"].replace(";x-amz-date", ";x-amz-date;x-missing")}, "signed header `x-missing` is missing"),
-    "expired": (lambda h: {**h, "X-Amz-Date": shift(h["X-Amz-Date"], -600)}, "request expired"),
-    "not yet valid": (lambda h: {**h, "X-Amz-Date": shift(h["X-Amz-Date"], 600)}, "request not yet valid"),
+    "expired": (lambda h: shifted(h, -600), "request expired"),
+    "not yet valid": (lambda h: shifted(h, 600), "request not yet valid"),
     "no date": (lambda h: {k: v for k, v in h.items() if k != "X-Amz-Date"}, "missing x-amz-date"),
     "algorithm": (lambda h: {**h, "Authorization": h["Authorization"].replace("AWS4-HMAC-SHA256", "AWS4-HMAC-SHA1")}, "unsupported authorization scheme"),
     "signature not hex": (lambda h: {**h, "Authorization": h["Authorization"][:-1] + "z"}, "signature must be 64 hex digits"),
@@ -122,6 +122,15 @@ REASONS = {
 def shift(amz_date, seconds):
     t = time.strptime(amz_date, "%Y%m%dT%H%M%SZ")
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(calendar.timegm(t) + seconds))
+
+
+def shifted(h, seconds):
+    """`h` with its date moved by `seconds` and the credential scope's date moved with it:
+    near midnight UTC the shift changes the day, and the scope would then be refused first."""
+    old = h["X-Amz-Date"]
+    new = shift(old, seconds)
+    auth = h["Authorization"].replace("/" + old[:8] + "/", "/" + new[:8] + "/", 1)
+    return {**h, "X-Amz-Date": new, "Authorization": auth}
 
 
 @pytest.mark.parametrize("what", sorted(REASONS))

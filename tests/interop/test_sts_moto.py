@@ -81,7 +81,11 @@ def shift_date(url, seconds):
     q = dict(p.split("=", 1) for p in urlsplit(url).query.split("&"))
     t = time.strptime(q["X-Amz-Date"], "%Y%m%dT%H%M%SZ")
     new = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.mktime(t) - time.timezone + seconds))
-    return url.replace(q["X-Amz-Date"], new)
+    # The credential scope's day moves with it, so that a shift across midnight UTC is still
+    # refused as expired rather than for its scope.
+    day = lambda d: "%2F" + d[:8] + "%2F"
+    assert day(q["X-Amz-Date"]) in url, url
+    return url.replace(q["X-Amz-Date"], new).replace(day(q["X-Amz-Date"]), day(new), 1)
 
 
 REFUSED = {
