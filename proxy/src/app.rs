@@ -108,8 +108,9 @@ pub fn load(cfg: &Config) -> Result<Loaded, String> {
 
 /// Draws from the system RNG once before serving. Its first use gathers
 /// entropy for tens of milliseconds, which would otherwise land on the
-/// first TLS handshake; an RNG that cannot be used stops start-up, since no
-/// handshake could succeed without it.
+/// first TLS handshake. An RNG that cannot be used stops start-up: TLS
+/// handshakes need it, and a proxy that cannot make them should not report
+/// itself started.
 fn seed_rng() -> Result<(), String> {
     aws_lc_rs::rand::fill(&mut [0u8; 16])
         .map_err(|_| "the system random number generator is unavailable".to_owned())
