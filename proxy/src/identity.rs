@@ -16,7 +16,9 @@ use crate::trace::Trace;
 
 pub const LATTICE_IDENTITY: &str = "x-amzn-lattice-identity";
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOPS: usize = 9;
+/// Hop-by-hop headers; `connection` first.
+const HOP_BY_HOP: [HeaderName; HOPS] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -25,6 +27,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::UPGRADE,
+    header::TRANSFER_ENCODING,
 ];
 
 const X_AMZN_LATTICE_IDENTITY: HeaderName = HeaderName::from_static(LATTICE_IDENTITY);
@@ -33,33 +36,50 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Removes hop-by-hop headers, including those a `Connection` header names.
-/// `te: trailers` survives (gRPC needs it).
+/// `te: trailers` survives (gRPC needs it), even when `Connection` names `te`
+/// as RFC 9110 asks of the client that sends it.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names (a `Connection` header
-    // is itself hop-by-hop) instead of a lookup per name.
-    let any = headers
-        .keys()
-        .any(|k| HOP_BY_HOP.contains(k) || k == header::TRANSFER_ENCODING);
-    if !any {
+    // One pass over the names notes which of the fixed set are present: most
+    // requests carry none, and most responses only `connection: keep-alive`,
+    // so only those are looked up again.
+    let mut present = [false; HOPS];
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
+    // Other headers a `Connection` header names, only those present: tokens
+    // such as `keep-alive` or `close` allocate nothing.
+    let named: Vec<HeaderName> = if present[0] {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().eq_ignore_ascii_case(t))
+                    && headers.contains_key(*t)
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
     for name in named {
         headers.remove(name);
     }
     let te_trailers = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in HOP_BY_HOP {
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
-    headers.remove(header::TRANSFER_ENCODING);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -221,7 +241,7 @@ mod tests {
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["x-app"], "keep");
         // Each one alone is found and removed.
-        for name in HOP_BY_HOP.iter().chain([&header::TRANSFER_ENCODING]) {
+        for name in &HOP_BY_HOP {
             let mut h = HeaderMap::new();
             h.insert(name, "x".parse().unwrap());
             h.insert("x-app", "keep".parse().unwrap());
@@ -229,6 +249,23 @@ mod tests {
             assert!(!h.contains_key(name), "{name} stayed");
             assert_eq!(h.len(), 1, "{h:?}");
         }
+        // Named in any case, beside names absent; `te: trailers` stays even
+        // when `Connection` names it, as a client sending TE must.
+        let mut h = HeaderMap::new();
+        h.append("connection", "close, X-Secret".parse().unwrap());
+        h.append("connection", "te, x-absent,,".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("x-app", "keep".parse().unwrap());
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-app"], "keep");
+        // Any other `te` goes.
+        let mut h = HeaderMap::new();
+        h.insert("te", "gzip".parse().unwrap());
+        remove_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]
