@@ -13,8 +13,11 @@ const QUEUE: usize = 8192;
 
 /// How long the writer thread lets lines gather after writing a batch. While
 /// it waits, senders find no parked receiver to wake, so under load the
-/// request path pays no thread wake-up per line.
-const BATCH: std::time::Duration = std::time::Duration::from_millis(10);
+/// request path pays no thread wake-up per line, and the writer itself wakes
+/// at most 20 times a second (each wake-up of an idle core costs tens of
+/// microseconds on a virtual machine). [`QUEUE`] holds 50 ms of lines up to
+/// 160 000 requests a second.
+const BATCH: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Where decision-log lines go.
 #[derive(Debug, Clone)]
