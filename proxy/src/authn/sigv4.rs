@@ -4,8 +4,8 @@
 //! The canonical request is rebuilt from the client's `SignedHeaders`, in the
 //! one canonical form AWS signers produce for non-S3 services (dot segments
 //! removed, path encoded once more). Keys are derived with
-//! `aws_sigv4::sign::v4::generate_signing_key`; signatures are compared in
-//! constant time. An unknown access key costs the same work as a known one.
+//! `aws_sigv4::sign::v4::generate_signing_key`; the signature (HMAC-SHA256
+//! with that key, aws-lc) is compared in constant time. An unknown access key costs the same work as a known one.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -902,13 +902,15 @@ impl Verifier {
                 &auth.service,
             ),
         };
-        let expected = aws_sigv4::sign::v4::calculate_signature(key.as_ref(), sts.as_bytes());
-        let mut expected_bytes = [0u8; 32];
-        let decoded = hex::decode_to_slice(&expected, &mut expected_bytes).is_ok();
-        let equal: bool = expected_bytes.ct_eq(&auth.signature).into();
+        // HMAC-SHA256 of the string to sign, as raw bytes: no hex round trip.
+        let expected = aws_lc_rs::hmac::sign(
+            &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key.as_ref()),
+            sts.as_bytes(),
+        );
+        let equal: bool = expected.as_ref().ct_eq(&auth.signature).into();
         let credential = match known {
             None => return Err(SigError::UnknownAccessKey),
-            Some(c) if decoded && equal => c,
+            Some(c) if equal => c,
             Some(_) => return Err(SigError::SignatureMismatch),
         };
         self.finish(credential, auth, valid_until, now)
