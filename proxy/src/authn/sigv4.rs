@@ -5,7 +5,8 @@
 //! one canonical form AWS signers produce for non-S3 services (dot segments
 //! removed, path encoded once more). Keys are derived with
 //! `aws_sigv4::sign::v4::generate_signing_key`; the signature (HMAC-SHA256
-//! with that key, aws-lc) is compared in constant time. An unknown access key costs the same work as a known one.
+//! with that key, aws-lc) is compared in constant time. An unknown access key
+//! costs the same work as a known one.
 
 use std::collections::HashMap;
 use std::fmt;
