@@ -104,5 +104,10 @@ fn authz(c: &mut Criterion) {
     });
 }
 
+/// The binary's allocator (proxy/src/main.rs), so an allocation costs here
+/// what it costs in the proxy.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 criterion_group!(benches, authz);
 criterion_main!(benches);

@@ -70,5 +70,10 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
+/// The binary's allocator (proxy/src/main.rs), so an allocation costs here
+/// what it costs in the proxy.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 criterion_group!(benches, bench);
 criterion_main!(benches);
