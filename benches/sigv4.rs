@@ -33,12 +33,8 @@ impl SignedRequest for Req {
     fn raw_query(&self) -> Option<&str> {
         self.query.as_deref()
     }
-    fn header_values(&self, name: &str) -> Vec<&[u8]> {
-        self.headers
-            .get_all(name)
-            .iter()
-            .map(|v| v.as_bytes())
-            .collect()
+    fn header_values<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a [u8]> {
+        self.headers.get_all(name).iter().map(|v| v.as_bytes())
     }
 }
 
@@ -159,6 +155,11 @@ fn sts(c: &mut Criterion) {
         b.iter(|| rt.block_on(verifier.verify(&token)).expect("cached"))
     });
 }
+
+/// The binary's allocator (proxy/src/main.rs), so an allocation costs here
+/// what it costs in the proxy.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 criterion_group!(benches, sigv4, sts);
 criterion_main!(benches);

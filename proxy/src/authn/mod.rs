@@ -261,17 +261,15 @@ impl sigv4::SignedRequest for SigV4View<'_> {
     fn raw_query(&self) -> Option<&str> {
         self.raw.query.as_deref()
     }
-    fn header_values(&self, name: &str) -> Vec<&[u8]> {
-        let v: Vec<&[u8]> = self
-            .headers
-            .get_all(name)
-            .iter()
+    fn header_values<'v>(&'v self, name: &str) -> impl Iterator<Item = &'v [u8]> {
+        let mut values = self.headers.get_all(name).iter().peekable();
+        let authority = match values.peek() {
+            None if name == "host" => self.authority,
+            _ => None,
+        };
+        values
             .map(|v| v.as_bytes())
-            .collect();
-        if v.is_empty() && name == "host" {
-            return self.authority.map(str::as_bytes).into_iter().collect();
-        }
-        v
+            .chain(authority.map(str::as_bytes))
     }
 }
 

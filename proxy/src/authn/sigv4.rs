@@ -8,12 +8,14 @@
 //! with that key, aws-lc) is compared in constant time. An unknown access key
 //! costs the same work as a known one.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use aws_lc_rs::digest;
+use aws_lc_rs::{digest, hmac};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
@@ -299,10 +301,25 @@ fn check_signed_headers(list: &str) -> Result<(), SigError> {
     Ok(())
 }
 
-/// Removes dot segments and empty segments, as AWS signers do for non-S3 services.
-pub fn normalize_uri_path(path: &str) -> String {
+/// Removes dot segments and empty segments, as AWS signers do for non-S3
+/// services. A path with none (the usual case) is returned as it is.
+pub fn normalize_uri_path(path: &str) -> Cow<'_, str> {
+    if let Some(rest) = path.strip_prefix('/') {
+        let mut segments = rest.split('/').peekable();
+        let mut normal = true;
+        while let Some(seg) = segments.next() {
+            // An empty last segment is the trailing slash, which stays.
+            if matches!(seg, "." | "..") || (seg.is_empty() && segments.peek().is_some()) {
+                normal = false;
+                break;
+            }
+        }
+        if normal {
+            return Cow::Borrowed(path);
+        }
+    }
     if path.is_empty() {
-        return "/".to_owned();
+        return Cow::Borrowed("/");
     }
     let mut out: Vec<&str> = Vec::new();
     for seg in path.split('/') {
@@ -325,23 +342,59 @@ pub fn normalize_uri_path(path: &str) -> String {
     if result.is_empty() || (trailing && !result.ends_with('/')) {
         result.push('/');
     }
-    result
+    Cow::Owned(result)
 }
 
-fn push_encoded(out: &mut String, bytes: &[u8], keep_slash: bool) {
+/// Appends one byte URI-encoded as SigV4 asks: unreserved bytes as they are,
+/// anything else as `%XX`, uppercase.
+fn push_encoded_byte(out: &mut Vec<u8>, b: u8, keep_slash: bool) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    if b.is_ascii_alphanumeric()
+        || matches!(b, b'-' | b'.' | b'_' | b'~')
+        || (keep_slash && b == b'/')
+    {
+        out.push(b);
+    } else {
+        out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+    }
+}
+
+fn push_encoded(out: &mut Vec<u8>, bytes: &[u8], keep_slash: bool) {
     for &b in bytes {
-        if b.is_ascii_alphanumeric()
-            || matches!(b, b'-' | b'.' | b'_' | b'~')
-            || (keep_slash && b == b'/')
-        {
-            out.push(b as char);
+        push_encoded_byte(out, b, keep_slash);
+    }
+}
+
+fn hex_digit(d: u8) -> Result<u8, SigError> {
+    match d {
+        b'0'..=b'9' => Ok(d - b'0'),
+        b'a'..=b'f' => Ok(d - b'a' + 10),
+        b'A'..=b'F' => Ok(d - b'A' + 10),
+        _ => Err(SigError::BadQuery),
+    }
+}
+
+/// The byte a `%XX` escape at the start of `s` stands for.
+fn escaped_byte(s: &[u8]) -> Result<u8, SigError> {
+    match s {
+        [b'%', hi, lo, ..] => Ok(hex_digit(*hi)? << 4 | hex_digit(*lo)?),
+        _ => Err(SigError::BadQuery),
+    }
+}
+
+/// Appends `s` decoded once and encoded as SigV4 asks, in one pass.
+fn push_reencoded(out: &mut Vec<u8>, s: &[u8]) -> Result<(), SigError> {
+    let mut i = 0;
+    while let Some(&b) = s.get(i) {
+        if b == b'%' {
+            push_encoded_byte(out, escaped_byte(&s[i..])?, false);
+            i += 3;
         } else {
-            out.push('%');
-            out.push(HEX[usize::from(b >> 4)] as char);
-            out.push(HEX[usize::from(b & 0xf)] as char);
+            push_encoded_byte(out, b, false);
+            i += 1;
         }
     }
+    Ok(())
 }
 
 /// How the canonical URI is built.
@@ -356,71 +409,88 @@ pub enum UriEncoding {
     Single,
 }
 
-/// The canonical URI of a raw request path.
-pub fn canonical_uri(raw_path: &str, encoding: UriEncoding) -> String {
-    let mut out = String::with_capacity(raw_path.len() + 8);
+fn push_canonical_uri(out: &mut Vec<u8>, raw_path: &str, encoding: UriEncoding) {
     match encoding {
-        UriEncoding::Double => {
-            push_encoded(&mut out, normalize_uri_path(raw_path).as_bytes(), true)
-        }
+        UriEncoding::Double => push_encoded(out, normalize_uri_path(raw_path).as_bytes(), true),
         UriEncoding::Single => {
             let path = if raw_path.is_empty() { "/" } else { raw_path };
             // A malformed escape is kept literally (and then encoded).
             let bytes = percent_decode(path).unwrap_or_else(|_| path.as_bytes().to_vec());
-            push_encoded(&mut out, &bytes, true);
+            push_encoded(out, &bytes, true);
         }
     }
-    out
+}
+
+/// The canonical URI of a raw request path.
+pub fn canonical_uri(raw_path: &str, encoding: UriEncoding) -> String {
+    let mut out = Vec::with_capacity(raw_path.len() + 8);
+    push_canonical_uri(&mut out, raw_path, encoding);
+    // Every byte pushed is ASCII.
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn percent_decode(s: &str) -> Result<Vec<u8>, SigError> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3).ok_or(SigError::BadQuery)?;
-            let s = std::str::from_utf8(hex).map_err(|_| SigError::BadQuery)?;
-            out.push(u8::from_str_radix(s, 16).map_err(|_| SigError::BadQuery)?);
+    while let Some(&c) = b.get(i) {
+        if c == b'%' {
+            out.push(escaped_byte(&b[i..])?);
             i += 3;
         } else {
-            out.push(b[i]);
+            out.push(c);
             i += 1;
         }
     }
     Ok(out)
 }
 
-/// The canonical query: names and values decoded, re-encoded per SigV4, sorted
-/// by name then value. `skip` names a parameter to leave out (the presigned
-/// signature itself).
-pub fn canonical_query(raw_query: Option<&str>, skip: Option<&str>) -> Result<String, SigError> {
+/// Appends the canonical query: names and values decoded, re-encoded per
+/// SigV4, sorted by name then value. `skip` names a parameter to leave out
+/// (the presigned signature itself).
+fn push_canonical_query(
+    out: &mut Vec<u8>,
+    raw_query: Option<&str>,
+    skip: Option<&str>,
+) -> Result<(), SigError> {
     let Some(q) = raw_query.filter(|q| !q.is_empty()) else {
-        return Ok(String::new());
+        return Ok(());
     };
-    let mut pairs: Vec<(String, String)> = Vec::new();
+    // The re-encoded pairs side by side in one buffer: (name start, value
+    // start, value end).
+    let mut buf = Vec::with_capacity(q.len() + 16);
+    let mut pairs: Vec<(usize, usize, usize)> = Vec::with_capacity(8);
     for pair in q.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let mut key = String::new();
-        push_encoded(&mut key, &percent_decode(k)?, false);
-        if skip.is_some_and(|s| s == key) {
+        let start = buf.len();
+        push_reencoded(&mut buf, k.as_bytes())?;
+        let mid = buf.len();
+        if skip.is_some_and(|s| s.as_bytes() == &buf[start..mid]) {
+            buf.truncate(start);
             continue;
         }
-        let mut val = String::new();
-        push_encoded(&mut val, &percent_decode(v)?, false);
-        pairs.push((key, val));
+        push_reencoded(&mut buf, v.as_bytes())?;
+        pairs.push((start, mid, buf.len()));
     }
-    pairs.sort();
-    let mut out = String::with_capacity(q.len() + 8);
-    for (i, (k, v)) in pairs.iter().enumerate() {
+    let pair = |&(s, m, e): &(usize, usize, usize)| (&buf[s..m], &buf[m..e]);
+    pairs.sort_unstable_by(|a, b| pair(a).cmp(&pair(b)));
+    for (i, p) in pairs.iter().enumerate() {
         if i > 0 {
-            out.push('&');
+            out.push(b'&');
         }
-        out.push_str(k);
-        out.push('=');
-        out.push_str(v);
+        let (k, v) = pair(p);
+        out.extend_from_slice(k);
+        out.push(b'=');
+        out.extend_from_slice(v);
     }
-    Ok(out)
+    Ok(())
+}
+
+/// The canonical query of a raw query string (see `push_canonical_query`).
+pub fn canonical_query(raw_query: Option<&str>, skip: Option<&str>) -> Result<String, SigError> {
+    let mut out = Vec::new();
+    push_canonical_query(&mut out, raw_query, skip)?;
+    String::from_utf8(out).map_err(|_| SigError::BadQuery)
 }
 
 /// Trims and collapses whitespace runs into one space, as SigV4 asks.
@@ -445,7 +515,7 @@ pub trait SignedRequest {
     fn raw_query(&self) -> Option<&str>;
     /// All values of a header (lowercase name), in order; `host` falls back to
     /// the HTTP/2 `:authority`.
-    fn header_values(&self, name: &str) -> Vec<&[u8]>;
+    fn header_values<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a [u8]>;
 }
 
 /// Builds the canonical request from the client's `SignedHeaders`.
@@ -460,22 +530,21 @@ pub fn canonical_request(
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(req.method().as_bytes());
     out.push(b'\n');
-    out.extend_from_slice(canonical_uri(req.raw_path(), encoding).as_bytes());
+    push_canonical_uri(&mut out, req.raw_path(), encoding);
     out.push(b'\n');
     let skip = presigned.then_some("X-Amz-Signature");
-    out.extend_from_slice(canonical_query(req.raw_query(), skip)?.as_bytes());
+    push_canonical_query(&mut out, req.raw_query(), skip)?;
     out.push(b'\n');
     for name in signed_headers.split(';') {
-        let values = req.header_values(name);
-        if values.is_empty() {
+        let mut values = req.header_values(name);
+        let Some(first) = values.next() else {
             return Err(SigError::MissingSignedHeader(name.to_owned()));
-        }
+        };
         out.extend_from_slice(name.as_bytes());
         out.push(b':');
-        for (i, v) in values.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
+        push_trimmed(&mut out, first);
+        for v in values {
+            out.push(b',');
             push_trimmed(&mut out, v);
         }
         out.push(b'\n');
@@ -532,12 +601,41 @@ pub fn sigv4a_public_key(access_key_id: &str, secret: &str) -> Option<Vec<u8>> {
     Some(public.as_ref().to_vec())
 }
 
-/// Parses `YYYYMMDDTHHMMSSZ`.
+/// Parses `YYYYMMDDTHHMMSSZ` (UTC, no leap second), byte by byte: it runs on
+/// every signed request.
 pub fn parse_amz_date(s: &str) -> Option<SystemTime> {
-    let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
-    let dt = time::PrimitiveDateTime::parse(s, &fmt).ok()?;
-    let secs = dt.assume_utc().unix_timestamp();
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?))
+    let b: &[u8; 16] = s.as_bytes().try_into().ok()?;
+    if b[8] != b'T' || b[15] != b'Z' {
+        return None;
+    }
+    let num = |range: std::ops::Range<usize>| -> Option<u32> {
+        b[range].iter().try_fold(0u32, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    let (year, month, day) = (num(0..4)?, num(4..6)?, num(6..8)?);
+    let (hour, minute, second) = (num(9..11)?, num(11..13)?, num(13..15)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if year < 1970 || day == 0 || day > month_days || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    // Days since 1970-01-01 of a proleptic Gregorian date (Hinnant's
+    // days_from_civil, for years from 1970 on).
+    let y = u64::from(if month <= 2 { year - 1 } else { year });
+    let m = u64::from(month);
+    let (era, yoe) = (y / 400, y % 400);
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + u64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + u64::from(hour * 3600 + minute * 60 + second);
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 /// One entry of the credentials file.
@@ -622,11 +720,13 @@ pub struct Verified<'a> {
     pub presigned: bool,
 }
 
-/// Derived signing keys per (access key, date, region, service), so a request
-/// costs one HMAC for its signature, not five. Bounded: cleared when full.
+/// Signing keys per (access key, date, region, service), derived and made
+/// into HMAC keys (inner and outer pads hashed) once, so a request costs one
+/// HMAC for its signature, not five key derivations and a key setup.
+/// Bounded: cleared when full.
 #[derive(Debug, Default)]
 struct KeyCache {
-    keys: std::sync::Mutex<HashMap<String, Zeroizing<[u8; 32]>>>,
+    keys: std::sync::Mutex<HashMap<String, Arc<hmac::Key>>>,
 }
 
 const KEY_CACHE_ENTRIES: usize = 4096;
@@ -639,7 +739,7 @@ impl KeyCache {
         signed_at: SystemTime,
         region: &str,
         service: &str,
-    ) -> Zeroizing<[u8; 32]> {
+    ) -> Arc<hmac::Key> {
         let mut id = String::with_capacity(96);
         id.push_str(&credential.access_key_id);
         for part in [date, region, service] {
@@ -655,10 +755,7 @@ impl KeyCache {
             region,
             service,
         );
-        let mut key = Zeroizing::new([0u8; 32]);
-        let src = derived.as_ref();
-        let n = src.len().min(32);
-        key[..n].copy_from_slice(&src[..n]);
+        let key = Arc::new(hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref()));
         if let Ok(mut m) = self.keys.lock() {
             if m.len() >= KEY_CACHE_ENTRIES {
                 m.clear();
@@ -805,8 +902,9 @@ impl Verifier {
                         {
                             return Err(SigError::MustSign("x-amz-region-set"));
                         }
-                        match req.header_values("x-amz-region-set").as_slice() {
-                            [one] => std::str::from_utf8(one).ok().map(str::to_owned),
+                        let mut sets = req.header_values("x-amz-region-set");
+                        match (sets.next(), sets.next()) {
+                            (Some(one), None) => std::str::from_utf8(one).ok().map(str::to_owned),
                             _ => None,
                         }
                     }
@@ -823,21 +921,19 @@ impl Verifier {
         if !auth.signed_headers.split(';').any(|n| n == "host") {
             return Err(SigError::MustSign("host"));
         }
-        let header_date;
         let (amz_date, window) = match &auth.presigned {
             Some((date, expires)) => (date.as_str(), Some(*expires)),
             None => {
                 if !auth.signed_headers.split(';').any(|n| n == "x-amz-date") {
                     return Err(SigError::MustSign("x-amz-date"));
                 }
-                header_date = match req.header_values("x-amz-date").as_slice() {
-                    [] => return Err(SigError::MissingDate),
-                    [one] => std::str::from_utf8(one)
-                        .map_err(|_| SigError::BadDate)?
-                        .to_owned(),
-                    _ => return Err(SigError::BadDate),
+                let mut dates = req.header_values("x-amz-date");
+                let date = match (dates.next(), dates.next()) {
+                    (None, _) => return Err(SigError::MissingDate),
+                    (Some(one), None) => std::str::from_utf8(one).map_err(|_| SigError::BadDate)?,
+                    (Some(_), Some(_)) => return Err(SigError::BadDate),
                 };
-                (header_date.as_str(), None)
+                (date, None)
             }
         };
         let signed_at = parse_amz_date(amz_date).ok_or(SigError::BadDate)?;
@@ -904,10 +1000,7 @@ impl Verifier {
             ),
         };
         // HMAC-SHA256 of the string to sign, as raw bytes: no hex round trip.
-        let expected = aws_lc_rs::hmac::sign(
-            &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key.as_ref()),
-            sts.as_bytes(),
-        );
+        let expected = hmac::sign(&key, sts.as_bytes());
         let equal: bool = expected.as_ref().ct_eq(&auth.signature).into();
         let credential = match known {
             None => return Err(SigError::UnknownAccessKey),
@@ -999,6 +1092,29 @@ mod tests {
     }
 
     #[test]
+    fn normal_paths_are_kept_and_others_normalized() {
+        for normal in ["/", "/a", "/a/b/", "/a.b/..c/.d", "/%2E%2E/x"] {
+            assert!(
+                matches!(normalize_uri_path(normal), Cow::Borrowed(p) if p == normal),
+                "{normal}"
+            );
+        }
+        for (path, want) in [
+            ("", "/"),
+            ("//", "/"),
+            ("/a//b", "/a/b"),
+            ("/a/./b", "/a/b"),
+            ("/a/b/..", "/a/"),
+            ("/a/b/../", "/a/"),
+            ("/..", "/"),
+            ("/a/.", "/a/"),
+            ("a/b", "/a/b"),
+        ] {
+            assert_eq!(normalize_uri_path(path), want, "{path}");
+        }
+    }
+
+    #[test]
     fn presigned_parameters() {
         let q = "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKID%2F20150830%2Fus-east-1%2Fservice%2Faws4_request&X-Amz-Date=20150830T123600Z&X-Amz-Expires=60&X-Amz-SignedHeaders=host&X-Amz-Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31&a=1";
         let a = parse_presigned(q).unwrap();
@@ -1038,6 +1154,58 @@ mod tests {
             canonical_query(Some("b=2&a=%7e&a=1&c"), None).unwrap(),
             "a=1&a=~&b=2&c="
         );
-        assert!(canonical_query(Some("a=%zz"), None).is_err());
+        for bad in ["a=%zz", "a=%4", "a%=1", "a=%+1", "a=%-1", "a=1&b=%"] {
+            assert!(canonical_query(Some(bad), None).is_err(), "{bad}");
+        }
+        assert_eq!(
+            canonical_query(
+                Some("X-Amz-Signature=ab&b=%2f%2F&a=%41"),
+                Some("X-Amz-Signature")
+            )
+            .unwrap(),
+            "a=A&b=%2F%2F"
+        );
+    }
+
+    #[test]
+    fn amz_dates_parse_as_the_calendar_says_and_nothing_else() {
+        let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+        // Every day from 1970 to 2100 at a few times of day, leap days included.
+        let mut day = time::macros::datetime!(1970-01-01 00:00:00);
+        let end = time::macros::datetime!(2100-03-02 00:00:00);
+        let mut n = 0u64;
+        while day < end {
+            let t = day + time::Duration::seconds(i64::try_from(n % 86_400).unwrap());
+            let text = t.format(&fmt).unwrap();
+            let want = SystemTime::UNIX_EPOCH
+                + Duration::from_secs(u64::try_from(t.assume_utc().unix_timestamp()).unwrap());
+            assert_eq!(parse_amz_date(&text), Some(want), "{text}");
+            day += time::Duration::days(1);
+            n += 12_347;
+        }
+        for bad in [
+            "",
+            "20150830T123600",
+            "20150830T123600ZZ",
+            "20150830t123600Z",
+            "20150830T123600z",
+            "2015083OT123600Z",
+            "+0150830T123600Z",
+            "20151330T123600Z",
+            "20150001T123600Z",
+            "20150800T123600Z",
+            "20150431T123600Z",
+            "20150229T123600Z",
+            "21000229T123600Z",
+            "20150830T243600Z",
+            "20150830T126000Z",
+            "20150830T123660Z",
+            "19691231T235959Z",
+            "2015-08-30T12:36",
+        ] {
+            assert_eq!(parse_amz_date(bad), None, "{bad}");
+        }
+        assert!(parse_amz_date("20160229T000000Z").is_some());
+        assert!(parse_amz_date("20000229T235959Z").is_some());
     }
 }
