@@ -382,19 +382,24 @@ fn escaped_byte(s: &[u8]) -> Result<u8, SigError> {
     }
 }
 
-/// Appends `s` decoded once and encoded as SigV4 asks, in one pass.
-fn push_reencoded(out: &mut Vec<u8>, s: &[u8]) -> Result<(), SigError> {
+/// Hands each byte of `s`, `%XX` escapes decoded, to `f`.
+fn for_each_decoded(s: &[u8], mut f: impl FnMut(u8)) -> Result<(), SigError> {
     let mut i = 0;
     while let Some(&b) = s.get(i) {
         if b == b'%' {
-            push_encoded_byte(out, escaped_byte(&s[i..])?, false);
+            f(escaped_byte(&s[i..])?);
             i += 3;
         } else {
-            push_encoded_byte(out, b, false);
+            f(b);
             i += 1;
         }
     }
     Ok(())
+}
+
+/// Appends `s` decoded once and encoded as SigV4 asks, in one pass.
+fn push_reencoded(out: &mut Vec<u8>, s: &[u8]) -> Result<(), SigError> {
+    for_each_decoded(s, |b| push_encoded_byte(out, b, false))
 }
 
 /// How the canonical URI is built.
@@ -430,18 +435,8 @@ pub fn canonical_uri(raw_path: &str, encoding: UriEncoding) -> String {
 }
 
 fn percent_decode(s: &str) -> Result<Vec<u8>, SigError> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        if c == b'%' {
-            out.push(escaped_byte(&b[i..])?);
-            i += 3;
-        } else {
-            out.push(c);
-            i += 1;
-        }
-    }
+    let mut out = Vec::with_capacity(s.len());
+    for_each_decoded(s.as_bytes(), |b| out.push(b))?;
     Ok(out)
 }
 
