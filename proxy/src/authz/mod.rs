@@ -543,8 +543,8 @@ impl<S> Authz<S> {
             service: route.map(|r| &*r.service),
             service_arn: route.and_then(|r| r.service_arn.as_deref()),
         };
-        let _ = trace.action.set(format!("Action::{:?}", input.method));
-        let _ = trace.resource.set(format!("Http::Path::{:?}", input.path));
+        let _ = trace.action.set(quoted("Action::", input.method));
+        let _ = trace.resource.set(quoted("Http::Path::", input.path));
         let decision = snapshot.decide(&input)?;
         if let Some(shadow) = &self.shadow {
             // Never enforced: an error there is logged, not answered.
@@ -563,6 +563,24 @@ impl<S> Authz<S> {
             Err(ProxyError::Forbidden)
         }
     }
+}
+
+/// `prefix` and `s` as `format!("{prefix}{s:?}")` writes them (an entity uid
+/// as the decision log shows it), without the formatter when `s` is plain
+/// ASCII, as methods and normalized paths almost always are.
+fn quoted(prefix: &str, s: &str) -> String {
+    if !s
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        return format!("{prefix}{s:?}");
+    }
+    let mut out = String::with_capacity(prefix.len() + s.len() + 2);
+    out.push_str(prefix);
+    out.push('"');
+    out.push_str(s);
+    out.push('"');
+    out
 }
 
 #[cfg(test)]
@@ -660,6 +678,29 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::SHIPPED;
     use super::*;
+
+    #[test]
+    fn quoted_is_what_debug_formatting_writes() {
+        let plain: String = (0x20u8..0x7f).map(char::from).collect();
+        for s in [
+            "GET",
+            "/api/orders/1",
+            "",
+            plain.as_str(),
+            "/a\"b",
+            "/a\\b",
+            "/tab\there",
+            "/é",
+            "\u{7f}",
+            "\u{200b}",
+        ] {
+            assert_eq!(
+                quoted("Http::Path::", s),
+                format!("Http::Path::{s:?}"),
+                "{s:?}"
+            );
+        }
+    }
 
     #[test]
     fn statements_end_only_at_a_semicolon_outside_strings_and_comments() {
