@@ -242,9 +242,6 @@ impl ObserveLayer {
                 })
                 .inc();
         }
-        let ts = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
         let reason = match (err, decision) {
             (Some(e), _) => e
                 .reason()
@@ -254,8 +251,9 @@ impl ObserveLayer {
             _ => None,
         };
         let verdict = |allow: bool| if allow { "allow" } else { "deny" };
+        let mut ts = [0u8; 40];
         let line = LogLine {
-            ts: &ts,
+            ts: rfc3339(time::OffsetDateTime::now_utc(), &mut ts),
             request_id: &trace.request_id,
             source_ip: trace.conn.peer().ip(),
             authn,
@@ -276,18 +274,17 @@ impl ObserveLayer {
                 policy_set: &sh.policy_set,
             }),
         };
-        // Sized for a typical line, so serializing it rarely regrows.
-        let mut out = Vec::with_capacity(512);
-        if serde_json::to_writer(&mut out, &line).is_ok() {
-            if let Ok(line) = String::from_utf8(out) {
-                self.log.write(line);
-            }
-        }
+        self.log.write(line.to_json());
     }
 }
 
-/// One decision-log line (DESIGN §8), serialized straight from the trace.
-#[derive(serde::Serialize)]
+/// One decision-log line (DESIGN §8), written straight from the trace.
+///
+/// By hand rather than through serde: every request writes one, and
+/// serde_json's escaping loop and the timestamp's own `String` were a tenth of
+/// the instructions warden spends on a request. The tests hold the output to
+/// serde_json's, byte for byte.
+#[cfg_attr(test, derive(serde::Serialize))]
 struct LogLine<'a> {
     ts: &'a str,
     request_id: &'a str,
@@ -303,17 +300,197 @@ struct LogLine<'a> {
     reason: Option<&'a str>,
     status: u16,
     duration_us: u64,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    #[cfg_attr(test, serde(skip_serializing_if = "<[String]>::is_empty"))]
     errors: &'a [String],
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
     shadow: Option<ShadowLine<'a>>,
 }
 
-#[derive(serde::Serialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 struct ShadowLine<'a> {
     decision: &'a str,
     policies: &'a [String],
     policy_set: &'a str,
+}
+
+impl LogLine<'_> {
+    fn to_json(&self) -> String {
+        use std::fmt::Write as _;
+        // Sized for a typical line, so writing it rarely regrows.
+        let mut out = String::with_capacity(512);
+        out.push_str("{\"ts\":");
+        push_json_str(&mut out, self.ts);
+        out.push_str(",\"request_id\":");
+        push_json_str(&mut out, self.request_id);
+        out.push_str(",\"source_ip\":\"");
+        match self.source_ip {
+            std::net::IpAddr::V4(ip) => {
+                for (i, octet) in ip.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        out.push('.');
+                    }
+                    push_decimal(&mut out, u64::from(octet));
+                }
+            }
+            std::net::IpAddr::V6(ip) => {
+                let _ = write!(out, "{ip}");
+            }
+        }
+        out.push_str("\",\"authn\":");
+        push_json_str(&mut out, self.authn);
+        out.push_str(",\"principal\":");
+        push_json_opt(&mut out, self.principal);
+        out.push_str(",\"action\":");
+        push_json_opt(&mut out, self.action);
+        out.push_str(",\"resource\":");
+        push_json_opt(&mut out, self.resource);
+        out.push_str(",\"decision\":");
+        push_json_opt(&mut out, self.decision);
+        out.push_str(",\"mode\":");
+        push_json_str(&mut out, self.mode);
+        out.push_str(",\"policies\":");
+        push_json_list(&mut out, self.policies);
+        out.push_str(",\"policy_set\":");
+        push_json_opt(&mut out, self.policy_set);
+        out.push_str(",\"reason\":");
+        push_json_opt(&mut out, self.reason);
+        out.push_str(",\"status\":");
+        push_decimal(&mut out, u64::from(self.status));
+        out.push_str(",\"duration_us\":");
+        push_decimal(&mut out, self.duration_us);
+        if !self.errors.is_empty() {
+            out.push_str(",\"errors\":");
+            push_json_list(&mut out, self.errors);
+        }
+        if let Some(sh) = &self.shadow {
+            out.push_str(",\"shadow\":{\"decision\":");
+            push_json_str(&mut out, sh.decision);
+            out.push_str(",\"policies\":");
+            push_json_list(&mut out, sh.policies);
+            out.push_str(",\"policy_set\":");
+            push_json_str(&mut out, sh.policy_set);
+            out.push('}');
+        }
+        out.push('}');
+        out
+    }
+}
+
+/// `t` in RFC 3339, written into `buf` rather than a `String` of its own
+/// (at most 35 bytes: "9999-12-31T23:59:59.999999999+23:59").
+fn rfc3339(t: time::OffsetDateTime, buf: &mut [u8; 40]) -> &str {
+    let mut w = &mut buf[..];
+    // The length is what the writer used up: the count `format_into` returns
+    // leaves out the fraction of a second.
+    let n = match t.format_into(&mut w, &time::format_description::well_known::Rfc3339) {
+        Ok(_) => 40 - w.len(),
+        Err(_) => 0,
+    };
+    buf.get(..n)
+        .and_then(|t| std::str::from_utf8(t).ok())
+        .unwrap_or("")
+}
+
+/// `n` in decimal, without the formatting machinery `write!` goes through.
+fn push_decimal(out: &mut String, mut n: u64) {
+    // u64::MAX has 20 digits.
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    for slot in digits.iter_mut().rev() {
+        // `n % 10` is a digit, so the cast keeps it whole.
+        *slot = b'0' + (n % 10) as u8;
+        start -= 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(
+        digits
+            .get(start..)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .unwrap_or(""),
+    );
+}
+
+fn push_json_opt(out: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => push_json_str(out, s),
+        None => out.push_str("null"),
+    }
+}
+
+fn push_json_list(out: &mut String, items: &[String]) {
+    out.push('[');
+    for (i, s) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_str(out, s);
+    }
+    out.push(']');
+}
+
+/// Appends `s` as a JSON string, escaped as serde_json escapes it: `"`, `\`
+/// and the control characters, nothing else. Eight bytes at a time, which is
+/// most of every line.
+fn push_json_str(out: &mut String, s: &str) {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
+    // The high bit of each byte of `w` below `n` (n <= 0x80). A borrow can
+    // mark a byte above a true one, never below it: the lowest mark is exact.
+    let below = |w: u64, n: u64| w.wrapping_sub(ONES * n) & !w & HIGH;
+    let bytes = s.as_bytes();
+    out.push('"');
+    // `s[run..i]` needs no escape and is not yet written.
+    let mut run = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if let Some(word) = bytes
+            .get(i..i + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        {
+            let w = u64::from_le_bytes(word);
+            let marks = below(w, 0x20)
+                | below(w ^ (ONES * u64::from(b'"')), 1)
+                | below(w ^ (ONES * u64::from(b'\\')), 1);
+            if marks == 0 {
+                i += 8;
+                continue;
+            }
+            // Straight to the first byte to escape (little-endian: lowest first).
+            i += (marks.trailing_zeros() / 8) as usize;
+        }
+        let Some(&b) = bytes.get(i) else { break };
+        let escape: &str = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        // Escaped bytes are ASCII, so `run..i` lies on character boundaries.
+        out.push_str(s.get(run..i).unwrap_or(""));
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(escape);
+        }
+        i += 1;
+        run = i;
+    }
+    out.push_str(s.get(run..).unwrap_or(""));
+    out.push('"');
 }
 
 #[cfg(test)]
@@ -338,5 +515,131 @@ mod tests {
         // Across refills of the per-thread buffer, every id is new.
         let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_request_id()).collect();
         assert_eq!(ids.len(), 1000);
+    }
+
+    fn serde(s: &str) -> String {
+        serde_json::to_string(s).unwrap()
+    }
+
+    fn ours(s: &str) -> String {
+        let mut out = String::new();
+        push_json_str(&mut out, s);
+        out
+    }
+
+    #[test]
+    fn json_strings_are_escaped_as_serde_json_escapes_them() {
+        let specials = (0u8..0x80)
+            .map(char::from)
+            .chain(['é', '€', '😀', '\u{2028}', '\u{ffff}']);
+        // Each character at every offset of an eight-byte word, and in the tail.
+        for c in specials {
+            for before in 0..18 {
+                for after in [0, 1, 7, 8, 9] {
+                    let s = format!("{}{c}{}", "a".repeat(before), "b".repeat(after));
+                    assert_eq!(ours(&s), serde(&s), "{s:?}");
+                }
+            }
+        }
+        // Mixed strings from a small alphabet, deterministic.
+        let alphabet = [
+            'a', '"', '\\', '\n', '\u{1}', '\u{1f}', ' ', 'é', '😀', '/', '\u{7f}',
+        ];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 40) as usize;
+            let s: String = (0..len)
+                .map(|i| alphabet[((x >> (i % 50)) as usize + i) % alphabet.len()])
+                .collect();
+            assert_eq!(ours(&s), serde(&s), "{s:?}");
+        }
+        assert_eq!(ours(""), "\"\"");
+    }
+
+    #[test]
+    fn log_lines_are_what_serde_json_would_write() {
+        let policies = vec!["allow-orders".to_owned(), "q\"uote\\d".to_owned()];
+        let errors = vec!["error while evaluating policy `p`: \u{1}".to_owned()];
+        let mut ts = [0u8; 40];
+        let full = LogLine {
+            ts: rfc3339(time::OffsetDateTime::now_utc(), &mut ts),
+            request_id: "4f9c2a",
+            source_ip: "::1".parse().unwrap(),
+            authn: "jwt",
+            principal: Some("Jwt::Subject::\"system:serviceaccount:shop:web\""),
+            action: Some("Action::\"GET\""),
+            resource: Some("Http::Path::\"/api/orders/1\""),
+            decision: Some("deny"),
+            mode: "audit",
+            policies: &policies,
+            policy_set: Some("0a1b2c3d4e5f6071"),
+            reason: Some("would deny (audit mode)"),
+            status: 200,
+            duration_us: u64::MAX,
+            errors: &errors,
+            shadow: Some(ShadowLine {
+                decision: "allow",
+                policies: &policies[..1],
+                policy_set: "feed",
+            }),
+        };
+        assert_eq!(full.to_json(), serde_json::to_string(&full).unwrap());
+        let bare = LogLine {
+            source_ip: "10.0.0.7".parse().unwrap(),
+            principal: None,
+            action: None,
+            resource: None,
+            decision: None,
+            policies: &[],
+            policy_set: None,
+            reason: None,
+            status: 400,
+            duration_us: 0,
+            errors: &[],
+            shadow: None,
+            ..full
+        };
+        let json = bare.to_json();
+        assert_eq!(json, serde_json::to_string(&bare).unwrap());
+        for (ip, status, duration_us) in [
+            ("0.0.0.0", 0, 0),
+            ("255.255.255.255", 65535, 9),
+            ("10.200.3.45", 503, 10),
+            ("fe80::1:2", 101, 1_234_567_890),
+        ] {
+            let line = LogLine {
+                source_ip: ip.parse().unwrap(),
+                status,
+                duration_us,
+                shadow: None,
+                ..bare
+            };
+            assert_eq!(line.to_json(), serde_json::to_string(&line).unwrap());
+        }
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(
+            v.get("errors").is_none() && v.get("shadow").is_none(),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_as_the_time_crate_writes_them() {
+        use time::format_description::well_known::Rfc3339;
+        let base = time::macros::datetime!(2026-11-24 08:30:05 UTC);
+        for nanos in [0, 1, 10, 100_000, 120_000_000, 123_456_789, 999_999_999] {
+            let t = base + time::Duration::nanoseconds(nanos);
+            let mut buf = [0u8; 40];
+            assert_eq!(rfc3339(t, &mut buf), t.format(&Rfc3339).unwrap());
+        }
+        let far = time::macros::datetime!(9999-12-31 23:59:59.999_999_999 +23:59);
+        let mut buf = [0u8; 40];
+        assert_eq!(
+            rfc3339(far, &mut buf),
+            "9999-12-31T23:59:59.999999999+23:59"
+        );
     }
 }
