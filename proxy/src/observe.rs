@@ -281,9 +281,10 @@ impl ObserveLayer {
 /// One decision-log line (DESIGN §8), written straight from the trace.
 ///
 /// By hand rather than through serde: every request writes one, and
-/// serde_json's escaping loop and the timestamp's own `String` were a tenth of
-/// the instructions warden spends on a request. The tests hold the output to
-/// serde_json's, byte for byte.
+/// serde_json's per-byte escaping, the timestamp's own `String` and the
+/// formatter for the address and numbers cost about 3 000 of the 97 000
+/// instructions of a kept-alive JWT request (callgrind). The tests hold the
+/// output to serde_json's, byte for byte.
 #[cfg_attr(test, derive(serde::Serialize))]
 struct LogLine<'a> {
     ts: &'a str,
