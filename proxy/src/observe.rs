@@ -282,9 +282,9 @@ impl ObserveLayer {
 ///
 /// By hand rather than through serde: every request writes one, and
 /// serde_json's per-byte escaping, the timestamp's own `String` and the
-/// formatter for the address and numbers cost about 3 000 of the 97 000
-/// instructions of a kept-alive JWT request (callgrind). The tests hold the
-/// output to serde_json's, byte for byte.
+/// formatter for the address and numbers cost about 3 000 of the 85 000
+/// instructions of a kept-alive JWT request (`benches/load/run
+/// --instructions`). The tests hold the output to serde_json's, byte for byte.
 #[cfg_attr(test, derive(serde::Serialize))]
 struct LogLine<'a> {
     ts: &'a str,
