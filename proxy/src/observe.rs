@@ -317,12 +317,13 @@ struct ShadowLine<'a> {
 impl LogLine<'_> {
     fn to_json(&self) -> String {
         use std::fmt::Write as _;
-        // Sized for a typical line, so writing it rarely regrows.
+        // Sized for a typical line, so writing it rarely regrows. Each key
+        // goes out with its separator as one literal.
         let mut out = String::with_capacity(512);
-        out.push_str("{\"ts\":");
-        push_json_str(&mut out, self.ts);
-        out.push_str(",\"request_id\":");
-        push_json_str(&mut out, self.request_id);
+        for (key, value) in [("{\"ts\":", self.ts), (",\"request_id\":", self.request_id)] {
+            out.push_str(key);
+            push_json_str(&mut out, value);
+        }
         out.push_str(",\"source_ip\":\"");
         match self.source_ip {
             std::net::IpAddr::V4(ip) => {
@@ -337,28 +338,34 @@ impl LogLine<'_> {
                 let _ = write!(out, "{ip}");
             }
         }
-        out.push_str("\",\"authn\":");
-        push_json_str(&mut out, self.authn);
-        out.push_str(",\"principal\":");
-        push_json_opt(&mut out, self.principal);
-        out.push_str(",\"action\":");
-        push_json_opt(&mut out, self.action);
-        out.push_str(",\"resource\":");
-        push_json_opt(&mut out, self.resource);
-        out.push_str(",\"decision\":");
-        push_json_opt(&mut out, self.decision);
-        out.push_str(",\"mode\":");
-        push_json_str(&mut out, self.mode);
+        out.push('"');
+        for (key, value) in [
+            (",\"authn\":", Some(self.authn)),
+            (",\"principal\":", self.principal),
+            (",\"action\":", self.action),
+            (",\"resource\":", self.resource),
+            (",\"decision\":", self.decision),
+            (",\"mode\":", Some(self.mode)),
+        ] {
+            out.push_str(key);
+            push_json_opt(&mut out, value);
+        }
         out.push_str(",\"policies\":");
         push_json_list(&mut out, self.policies);
-        out.push_str(",\"policy_set\":");
-        push_json_opt(&mut out, self.policy_set);
-        out.push_str(",\"reason\":");
-        push_json_opt(&mut out, self.reason);
-        out.push_str(",\"status\":");
-        push_decimal(&mut out, u64::from(self.status));
-        out.push_str(",\"duration_us\":");
-        push_decimal(&mut out, self.duration_us);
+        for (key, value) in [
+            (",\"policy_set\":", self.policy_set),
+            (",\"reason\":", self.reason),
+        ] {
+            out.push_str(key);
+            push_json_opt(&mut out, value);
+        }
+        for (key, value) in [
+            (",\"status\":", u64::from(self.status)),
+            (",\"duration_us\":", self.duration_us),
+        ] {
+            out.push_str(key);
+            push_decimal(&mut out, value);
+        }
         if !self.errors.is_empty() {
             out.push_str(",\"errors\":");
             push_json_list(&mut out, self.errors);
@@ -480,10 +487,8 @@ fn push_json_str(out: &mut String, s: &str) {
         // Escaped bytes are ASCII, so `run..i` lies on character boundaries.
         out.push_str(s.get(run..i).unwrap_or(""));
         if escape.is_empty() {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
             out.push_str("\\u00");
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xf)]));
+            crate::push_hex(out, &[b]);
         } else {
             out.push_str(escape);
         }
