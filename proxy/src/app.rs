@@ -124,6 +124,7 @@ fn spawn_refreshers(authn: &Authenticator, metrics: &Arc<Metrics>) -> Result<(),
             continue;
         }
         let cfg = issuer.config().clone();
+        metrics.zero_jwks_refresh(&cfg.issuer);
         let fetcher = jwks::Fetcher::new(cfg.ca_file.as_deref())
             .map_err(|e| format!("[[authn.jwt]] issuer `{}`: {e}", cfg.issuer))?;
         tokio::spawn(jwks::refresh(
@@ -154,6 +155,7 @@ impl App {
         seed_rng()?;
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::register(&mut registry));
+        metrics.zero_decisions(cfg.authz.mode.as_str());
         metrics
             .policy_reloads
             .get_or_create(&ResultLabels { result: "ok" })

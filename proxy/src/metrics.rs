@@ -97,6 +97,12 @@ pub struct Metrics {
     pub connections_refused: Counter,
 }
 
+/// The `result` label of the reload and refresh counters.
+pub const RELOAD_RESULTS: [&str; 2] = ["ok", "error"];
+
+/// The `kind` label of `warden_upstream_errors_total`.
+pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "connect_timeout", "timeout", "protocol"];
+
 /// At most this many distinct `trust_domain` labels; later ones are `other`.
 const MAX_PEER_LABELS: usize = 64;
 
@@ -221,7 +227,37 @@ impl Metrics {
             "Connections closed on accept because max_connections were open",
             m.connections_refused.clone(),
         );
+        // Series whose labels come from a fixed set exist from the start at
+        // zero, so a scrape shows every family before its first event and
+        // `rate()` sees that first event.
+        for result in RELOAD_RESULTS {
+            let labels = ResultLabels { result };
+            let _ = m.policy_reloads.get_or_create(&labels);
+            let _ = m.cert_reloads.get_or_create(&labels);
+        }
+        for kind in UPSTREAM_ERROR_KINDS {
+            let _ = m.upstream_errors.get_or_create(&KindLabels { kind });
+        }
         m
+    }
+
+    /// Starts `warden_authz_decisions_total` at zero for the configured mode.
+    pub fn zero_decisions(&self, mode: &'static str) {
+        for decision in ["allow", "deny"] {
+            let _ = self
+                .authz_decisions
+                .get_or_create(&DecisionLabels { decision, mode });
+        }
+    }
+
+    /// Starts `warden_jwks_refresh_total` at zero for a refreshed issuer.
+    pub fn zero_jwks_refresh(&self, issuer: &str) {
+        for result in RELOAD_RESULTS {
+            let _ = self.jwks_refresh.get_or_create(&IssuerLabels {
+                issuer: issuer.to_owned(),
+                result,
+            });
+        }
     }
 
     /// Counts a handshake's peer by trust domain, with a bounded label set.

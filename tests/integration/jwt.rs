@@ -209,6 +209,13 @@ async fn every_algorithm_via_jwks_uri() {
         metrics.contains("warden_jwks_age_seconds{issuer="),
         "{metrics}"
     );
+    // The error series exists before the first failed refresh.
+    assert!(
+        metrics.contains(&format!(
+            "warden_jwks_refresh_total{{issuer=\"{iss}\",result=\"error\"}} 0"
+        )),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

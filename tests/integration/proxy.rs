@@ -547,6 +547,67 @@ async fn upstream_down_is_502() {
 }
 
 #[tokio::test]
+async fn every_metric_family_is_exported_before_its_first_event() {
+    let mut h = Harness::with(Options::default()).await;
+    let metrics = h.metrics().await;
+    // DESIGN.md's families with fixed label sets (or none) have a `# TYPE`
+    // line on a fresh proxy.
+    for family in [
+        "warden_request_duration_seconds",
+        "warden_authz_decisions",
+        "warden_policy_reloads",
+        "warden_tls_handshake_errors",
+        "warden_upstream_errors",
+        "warden_connections_active",
+        "warden_cert_reloads",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {family} ")),
+            "{family} missing:\n{metrics}"
+        );
+    }
+    // Series with fixed label sets start at zero.
+    for series in [
+        "warden_upstream_errors_total{kind=\"connect\"} 0",
+        "warden_upstream_errors_total{kind=\"connect_timeout\"} 0",
+        "warden_upstream_errors_total{kind=\"timeout\"} 0",
+        "warden_upstream_errors_total{kind=\"protocol\"} 0",
+        "warden_cert_reloads_total{result=\"ok\"} 0",
+        "warden_cert_reloads_total{result=\"error\"} 0",
+        "warden_policy_reloads_total{result=\"error\"} 0",
+        "warden_authz_decisions_total{decision=\"allow\",mode=\"enforce\"} 0",
+        "warden_authz_decisions_total{decision=\"deny\",mode=\"enforce\"} 0",
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
+    // The two labelled by the request itself appear with the first request.
+    for family in ["warden_requests", "warden_authn_failures"] {
+        assert!(!metrics.contains(&format!("# TYPE {family} ")), "{family}");
+    }
+    let rsp = h
+        .send(h.request("GET", "/public/x").body(empty()).unwrap())
+        .await;
+    assert_eq!(rsp.status, StatusCode::OK);
+    h.upstream_got();
+    let rsp = h
+        .send(
+            h.request("GET", "/public/x")
+                .header("authorization", "Bearer not-a-token")
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(rsp.status, StatusCode::UNAUTHORIZED);
+    let metrics = h.metrics().await;
+    for family in ["warden_requests", "warden_authn_failures"] {
+        assert!(
+            metrics.contains(&format!("# TYPE {family} counter")),
+            "{family} missing:\n{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn plaintext_listener_and_admin_endpoints() {
     let mut h = Harness::with(Options {
         tls: false,
