@@ -8,6 +8,7 @@ mod harness;
 mod hostile;
 mod jwt;
 mod lattice;
+mod mutation;
 mod parity;
 mod paths;
 mod proxy;
