@@ -314,6 +314,29 @@ policies = "{policies}"
         .unwrap()
     }
 
+    /// A presigned path (with its query) for `method path`, valid for `expires`.
+    pub fn presigned(&self, method: &str, path: &str, time: SystemTime, expires: u64) -> String {
+        let key = SigV4Key {
+            access_key_id: ACCESS_KEY,
+            secret: SECRET,
+            session_token: None,
+            region: REGION,
+            service: SERVICE,
+        };
+        let host = self.host();
+        let url = devkit::presign_sigv4(
+            &key,
+            method,
+            &self.url(path),
+            &[("host", host.as_str())],
+            time,
+            std::time::Duration::from_secs(expires),
+        )
+        .unwrap();
+        let at = url.find(path).unwrap();
+        url[at..].to_owned()
+    }
+
     /// A signed request, ready to send.
     pub fn signed(&self, method: &str, path: &str, body: &'static [u8]) -> Request<Full<Bytes>> {
         let mut b = self.request(method, path);

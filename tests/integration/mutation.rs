@@ -3,6 +3,8 @@
 //! contract's answers (never a 5xx, never a dropped connection without one),
 //! and the proxy goes on serving.
 
+use std::time::SystemTime;
+
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::Full;
@@ -80,6 +82,32 @@ async fn a_credential_changed_in_any_one_character_is_refused() {
     assert!(
         changed.is_empty(),
         "SigV4 changed at {changed:?} not refused"
+    );
+    h.upstream_got();
+    h.assert_upstream_untouched();
+
+    // And for every character of a presigned URL, path and query alike. A
+    // change can also leave no credential (`?` or a parameter's name): then
+    // the request is anonymous, and refused by policy.
+    let target = h.presigned("GET", "/api/downloads/7?view=full", SystemTime::now(), 60);
+    let get = |target: &str| {
+        h.send(
+            h.request("GET", target)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+    };
+    assert_eq!(get(&target).await.status, StatusCode::OK);
+    // (From 1: without its leading `/` the target is no request at all.)
+    for i in 1..target.len() {
+        let status = get(&changed_at(&target, i)).await.status;
+        if !matches!(status.as_u16(), 400 | 401 | 403) {
+            changed.push((i, status));
+        }
+    }
+    assert!(
+        changed.is_empty(),
+        "presigned URL changed at {changed:?} not refused"
     );
     h.upstream_got();
     h.assert_upstream_untouched();

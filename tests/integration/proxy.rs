@@ -678,39 +678,10 @@ async fn unix_socket_upstream() {
     assert_eq!(seen.headers["host"], h.host());
 }
 
-/// A presigned path (with its query) for `method path`, valid for `expires`.
-fn presigned(h: &Harness, method: &str, path: &str, time: SystemTime, expires: u64) -> String {
-    let key = warden::devkit::SigV4Key {
-        access_key_id: super::harness::ACCESS_KEY,
-        secret: super::harness::SECRET,
-        session_token: None,
-        region: super::harness::REGION,
-        service: super::harness::SERVICE,
-    };
-    let host = h.host();
-    let url = warden::devkit::presign_sigv4(
-        &key,
-        method,
-        &h.url(path),
-        &[("host", host.as_str())],
-        time,
-        Duration::from_secs(expires),
-    )
-    .unwrap();
-    let at = url.find(path).unwrap();
-    url[at..].to_owned()
-}
-
 #[tokio::test]
 async fn presigned_urls_are_accepted_until_they_expire() {
     let mut h = Harness::start().await;
-    let target = presigned(
-        &h,
-        "GET",
-        "/api/downloads/7?view=full",
-        SystemTime::now(),
-        60,
-    );
+    let target = h.presigned("GET", "/api/downloads/7?view=full", SystemTime::now(), 60);
     let rsp = h
         .send(h.request("GET", &target).body(empty()).unwrap())
         .await;
@@ -727,7 +698,7 @@ async fn presigned_urls_are_accepted_until_they_expire() {
         .contains("order-service-role"));
     assert_eq!(h.next_log()["policies"][0], "presigned-downloads");
     // `presigned-only-downloads`: the same role, presigned, may not read orders.
-    let orders = presigned(&h, "GET", "/api/orders/7", SystemTime::now(), 60);
+    let orders = h.presigned("GET", "/api/orders/7", SystemTime::now(), 60);
     let rsp = h
         .send(h.request("GET", &orders).body(empty()).unwrap())
         .await;
@@ -737,8 +708,7 @@ async fn presigned_urls_are_accepted_until_they_expire() {
     assert_eq!(log["policies"][0], "presigned-only-downloads");
 
     // Signed two minutes ago for one minute: expired.
-    let old = presigned(
-        &h,
+    let old = h.presigned(
         "GET",
         "/api/orders/7",
         SystemTime::now() - Duration::from_secs(120),
