@@ -6,9 +6,9 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::Full;
-use warden::devkit::{self, SigV4Key};
+use warden::devkit;
 
-use super::harness::{policy_dir_with, Harness, Options, ACCESS_KEY, REGION, SECRET, SERVICE};
+use super::harness::{orders_key, policy_dir_with, Harness, Options};
 
 const POLICIES: &str = r#"
 @id("alpha-public-reads")
@@ -53,17 +53,10 @@ async fn routes_pick_upstream_and_service() {
 
     // beta: a signed call from the orders role reaches the beta upstream.
     let host = format!("pay.beta.svc:{port}");
-    let key = SigV4Key {
-        access_key_id: ACCESS_KEY,
-        secret: SECRET,
-        session_token: None,
-        region: REGION,
-        service: SERVICE,
-    };
     let url = format!("http://{host}/api/charge");
     let mut req = http::Request::post("/api/charge").header("host", &host);
     for (k, v) in devkit::sign_sigv4(
-        &key,
+        &orders_key(),
         "POST",
         &url,
         &[("host", host.as_str())],

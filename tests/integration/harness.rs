@@ -94,6 +94,17 @@ impl Default for Signing<'_> {
     }
 }
 
+/// The orders role's access key, as the credentials file holds it.
+pub fn orders_key() -> SigV4Key<'static> {
+    SigV4Key {
+        access_key_id: ACCESS_KEY,
+        secret: SECRET,
+        session_token: None,
+        region: REGION,
+        service: SERVICE,
+    }
+}
+
 pub struct Harness {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
@@ -316,16 +327,9 @@ policies = "{policies}"
 
     /// A presigned path (with its query) for `method path`, valid for `expires`.
     pub fn presigned(&self, method: &str, path: &str, time: SystemTime, expires: u64) -> String {
-        let key = SigV4Key {
-            access_key_id: ACCESS_KEY,
-            secret: SECRET,
-            session_token: None,
-            region: REGION,
-            service: SERVICE,
-        };
         let host = self.host();
         let url = devkit::presign_sigv4(
-            &key,
+            &orders_key(),
             method,
             &self.url(path),
             &[("host", host.as_str())],
