@@ -1,6 +1,7 @@
 //! warden's integration tests: one binary, one module per area.
 
 mod check;
+mod demo;
 mod drain;
 mod gateway;
 mod grpc;
