@@ -24,6 +24,8 @@ pub enum PathError {
     EncodedSeparator,
     #[error("control character or NUL in path")]
     Control,
+    #[error("non-ASCII byte in path (percent-encode it)")]
+    NonAscii,
     #[error("fragment or `;` path parameter in path")]
     Params,
     #[error("backslash in path")]
@@ -112,10 +114,13 @@ fn rebuild(raw: &str) -> Result<String, PathError> {
             b';' | b'#' => return Err(PathError::Params),
             b'\\' => return Err(PathError::Backslash),
             _ if b < 0x20 || b == 0x7f => return Err(PathError::Control),
+            // A parsed `Uri` never holds one; a path from the command line
+            // (`warden authorize`, `warden policy test`) might, and is
+            // refused as the proxy would refuse it.
+            _ if !b.is_ascii() => return Err(PathError::NonAscii),
             _ => {}
         }
-        // Non-ASCII bytes cannot appear in a parsed `Uri`; copy runs of ASCII.
-        decoded.push(b as char);
+        decoded.push(char::from(b));
         i += 1;
     }
     // Pass 2: dot segments and empty segments.
@@ -291,6 +296,7 @@ mod tests {
             ("/a%3bb", PathError::Params),
             ("/a%23b", PathError::Params),
             ("/a\\b", PathError::Backslash),
+            ("/caf\u{e9}", PathError::NonAscii),
             ("/a%zz", PathError::BadEscape),
             ("/a%4", PathError::BadEscape),
             ("a", PathError::NotAbsolute),
@@ -315,8 +321,22 @@ mod tests {
                 .flat_map(|p| alphabet.iter().map(move |c| format!("{p}{c}")))
                 .collect();
             for p in &paths {
-                assert_eq!(normalize_path(p), rebuild(p), "{p:?}");
+                let got = normalize_path(p);
+                assert_eq!(got, rebuild(p), "{p:?}");
                 shortcut += usize::from(is_normal(p));
+                // What the authorizer and the upstream see is in normal form:
+                // normalizing it again changes nothing (no second decoding),
+                // and it holds no empty or dot segment.
+                if let Ok(n) = got {
+                    assert_eq!(normalize_path(&n).as_deref(), Ok(n.as_str()), "{p:?}");
+                    assert!(n.starts_with('/'), "{p:?} -> {n:?}");
+                    let inner = n.trim_end_matches('/');
+                    assert!(
+                        inner.is_empty()
+                            || inner[1..].split('/').all(|s| !matches!(s, "" | "." | "..")),
+                        "{p:?} -> {n:?}"
+                    );
+                }
             }
         }
         // It is taken, and not for everything.
