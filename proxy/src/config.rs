@@ -818,6 +818,10 @@ impl Config {
                 }
             }
         }
+        for (account, org) in &self.authn.aws.accounts {
+            crate::authn::check_org_id(org)
+                .map_err(|e| ConfigError::new(format!("[authn.aws] accounts `{account}`: {e}")))?;
+        }
         if let Some(s) = &self.authn.sigv4 {
             if s.region.0.is_empty() {
                 return Err(ConfigError::new("[authn.sigv4] `region` must not be empty"));

@@ -340,6 +340,54 @@ fn credentials_can_come_from_the_environment() {
     assert!(err.contains("WARDEN_TEST_CREDENTIALS"), "{err}");
 }
 
+/// Values named in the upstream's identity header cannot hold a control
+/// character; `warden check` refuses them in the credentials file and in
+/// `[authn.aws] accounts`.
+#[test]
+fn identity_values_with_control_characters_are_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("credentials.toml");
+    let cfg = dir.path().join("warden.toml");
+    let write = |principal: &str, org: &str, account_org: &str| {
+        std::fs::write(
+            &creds,
+            format!(
+                "[[credential]]\naccess_key_id = \"AKID1\"\nsecret_access_key = \"s\"\n\
+                 principal = \"{principal}\"\norg_id = \"{org}\"\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            &cfg,
+            base(dir.path(), &policies_dir())
+                + &format!(
+                    "[authn.sigv4]\ncredentials = \"{}\"\n[authn.aws]\naccounts = {{ \"123456789012\" = \"{account_org}\" }}\n",
+                    creds.display()
+                ),
+        )
+        .unwrap();
+        check(&cfg)
+    };
+    let role = "arn:aws:iam::123456789012:role/r";
+    let (code, out) = write(role, "o-exampleorgid", "o-exampleorgid");
+    assert_eq!(code, 0, "{out}");
+    for (principal, org, account_org, want) in [
+        (
+            "arn:aws:iam::123456789012:role/r\\u0007",
+            "o-exampleorgid",
+            "o-exampleorgid",
+            "not an IAM role",
+        ),
+        (role, "o-ex\\nample", "o-exampleorgid", "control character"),
+        (role, "o-exampleorgid", "o-\\u0001", "control character"),
+        (role, "o-exampleorgid", "", "empty"),
+    ] {
+        let (code, out) = write(principal, org, account_org);
+        assert_eq!(code, 64, "{principal} {org:?} {account_org:?}: {out}");
+        assert!(out.contains(want), "{out}");
+    }
+}
+
 #[test]
 fn healthcheck_fails_without_an_admin_endpoint() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

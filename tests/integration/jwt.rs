@@ -615,6 +615,15 @@ async fn attacks_are_refused() {
             "signature invalid",
         ),
         (
+            "control character in sub (validly signed)",
+            sign(
+                &es,
+                None,
+                &with(json!({"sub": "system:serviceaccount:shop:check\u{7}out"})),
+            ),
+            "control character in sub",
+        ),
+        (
             "two dots too many",
             format!("{es_sig}.x"),
             "malformed token",

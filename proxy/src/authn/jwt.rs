@@ -505,6 +505,11 @@ fn map_principal(cfg: &JwtIssuerConfig, claims: &Claims) -> Result<Principal, Jw
         .as_deref()
         .filter(|s| !s.is_empty())
         .ok_or(JwtError::MissingClaim("sub"))?;
+    // The principal is named in the decision log and in the upstream's
+    // identity header; neither can carry a control character.
+    if sub.chars().any(char::is_control) {
+        return Err(JwtError::Subject("control character in sub"));
+    }
     match cfg.principal {
         PrincipalKind::K8s => {
             let rest = sub

@@ -59,6 +59,10 @@ impl AwsPrincipal {
         if *prefix != "arn" || partition.is_empty() || !region.is_empty() {
             return Err(bad());
         }
+        // Named in the upstream's identity header, which cannot carry one.
+        if arn.chars().any(char::is_control) {
+            return Err(bad());
+        }
         if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad());
         }
@@ -90,6 +94,17 @@ impl AwsPrincipal {
             session_name,
         })
     }
+}
+
+/// An organization id from configuration is named in the upstream's identity
+/// header: it must be non-empty and free of control characters.
+pub fn check_org_id(org: &str) -> Result<(), String> {
+    if org.is_empty() || org.chars().any(char::is_control) {
+        return Err(format!(
+            "organization id {org:?} is empty or holds a control character"
+        ));
+    }
+    Ok(())
 }
 
 /// Who is calling, as Cedar sees it (DESIGN §5).
@@ -747,6 +762,8 @@ mod tests {
             "arn:aws:iam::123456789012:group/x",
             "arn:aws:iam::123456789012:role/",
             "arn:aws:sts::123456789012:assumed-role/x",
+            "arn:aws:iam::123456789012:role/x\ny",
+            "arn:aws:sts::123456789012:assumed-role/r/s\u{7}",
             "not-an-arn",
         ] {
             assert!(AwsPrincipal::from_arn(bad).is_err(), "{bad}");

@@ -703,6 +703,11 @@ pub fn load_credentials(path: &Path) -> Result<Vec<Credential>, String> {
             ));
         }
         crate::authn::AwsPrincipal::from_arn(&c.principal)
+            .and_then(|_| {
+                c.org_id
+                    .as_deref()
+                    .map_or(Ok(()), crate::authn::check_org_id)
+            })
             .map_err(|e| format!("{}: access key `{}`: {e}", path.display(), c.access_key_id))?;
     }
     Ok(file.credential)
