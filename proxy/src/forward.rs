@@ -243,6 +243,20 @@ impl Forward {
     }
 }
 
+/// Whether an HTTP/1.1 request's body would be dropped on the way out.
+/// hyper's client sends a `GET` or `HEAD` whose body has no known length
+/// with no body at all unless the framing is set explicitly: a client's
+/// chunked `GET` body (the client's `transfer-encoding` is hop-by-hop, so it
+/// is gone by now) must reach the upstream, not vanish.
+fn body_needs_explicit_framing(req: &Request<Body>) -> bool {
+    use http_body::Body as _;
+    let body = req.body();
+    matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+        && !body.is_end_stream()
+        && body.size_hint().exact().is_none()
+        && !req.headers().contains_key(header::CONTENT_LENGTH)
+}
+
 /// The request's path and query: what an HTTP/1.1 upstream is sent.
 fn origin_form(uri: &Uri) -> http::uri::PathAndQuery {
     uri.path_and_query()
@@ -294,6 +308,12 @@ impl Service<Request<Body>> for Forward {
                 req.headers_mut().remove(header::HOST);
             } else {
                 *req.uri_mut() = Uri::from(origin_form(req.uri()));
+                if body_needs_explicit_framing(&req) {
+                    req.headers_mut().insert(
+                        header::TRANSFER_ENCODING,
+                        HeaderValue::from_static("chunked"),
+                    );
+                }
             }
             // A WebSocket upgrade: keep the client's side of the upgrade to splice.
             let client_upgrade = req

@@ -546,6 +546,42 @@ async fn upstream_down_is_502() {
     );
 }
 
+/// hyper's client would send a GET whose body has no known length without
+/// it; warden frames it explicitly, so a chunked GET body arrives whole.
+#[tokio::test]
+async fn a_chunked_get_body_reaches_the_upstream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut h = Harness::with(Options {
+        tls: false,
+        ..Options::default()
+    })
+    .await;
+    let host = h.host();
+    for body in [&b"hello"[..], &b""[..]] {
+        let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let mut req = format!(
+            "GET /public/x HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes();
+        if !body.is_empty() {
+            req.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+            req.extend_from_slice(body);
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"0\r\n\r\n");
+        s.write_all(&req).await.unwrap();
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        assert_eq!(h.upstream_got().body.as_ref(), body);
+    }
+    h.assert_upstream_untouched();
+}
+
 #[tokio::test]
 async fn every_metric_family_is_exported_before_its_first_event() {
     let mut h = Harness::with(Options::default()).await;
