@@ -6,7 +6,7 @@
 
 use std::task::{Context, Poll};
 
-use http::{header, Method, Request, Response, Uri};
+use http::{header, Method, Request, Response, Uri, Version};
 use tower::{Layer, Service};
 
 use crate::body::Body;
@@ -175,6 +175,13 @@ fn check_shape<B>(req: &Request<B>) -> Result<(), ProxyError> {
     let host = hosts.next();
     if hosts.next().is_some() {
         return Err(ProxyError::bad_request("more than one Host header"));
+    }
+    // RFC 9112 §3.2: an HTTP/1.1 request names its host (HTTP/1.0 may not;
+    // HTTP/2 names it in `:authority`, which lands in the target).
+    if host.is_none() && req.version() == Version::HTTP_11 && req.uri().authority().is_none() {
+        return Err(ProxyError::bad_request(
+            "HTTP/1.1 request without a Host header",
+        ));
     }
     // An absolute-form target must name the same host as `Host`, so routing,
     // policies and the upstream all see one host.

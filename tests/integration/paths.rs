@@ -99,6 +99,12 @@ async fn the_authorizer_and_the_upstream_see_the_same_path() {
     let connect = format!("CONNECT {host} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
         .into_bytes();
     assert_eq!(raw(&h, connect).await, 400);
+    // An HTTP/1.1 request must name its host (HTTP/1.0 need not).
+    let hostless = b"GET /public/x HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec();
+    assert_eq!(raw(&h, hostless).await, 400);
+    let old = b"GET /public/x HTTP/1.0\r\n\r\n".to_vec();
+    assert_eq!(raw(&h, old).await, 200);
+    assert_eq!(h.upstream_got().uri, "/public/x");
     // Two Host headers are refused.
     let two = format!(
         "GET /public/x HTTP/1.1\r\nHost: {host}\r\nHost: other\r\nConnection: close\r\n\r\n"
