@@ -139,6 +139,15 @@ impl Harness {
         Self::with(Options::default()).await
     }
 
+    /// The default setup on a plaintext listener, for raw-socket tests.
+    pub async fn plaintext() -> Self {
+        Self::with(Options {
+            tls: false,
+            ..Options::default()
+        })
+        .await
+    }
+
     pub async fn with(opts: Options) -> Self {
         warden::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();

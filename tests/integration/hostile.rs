@@ -89,11 +89,7 @@ fn get_headers(host: &str, path: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_rapid_reset_burst_is_cut_off_and_does_not_starve_others() {
     const BURST: u32 = 10_000;
-    let mut h = Harness::with(Options {
-        tls: false,
-        ..Options::default()
-    })
-    .await;
+    let mut h = Harness::plaintext().await;
     let host = h.host();
 
     // The attacker: prior-knowledge HTTP/2, then HEADERS + RST_STREAM pairs.
@@ -229,11 +225,7 @@ async fn an_idle_http2_connection_is_closed_after_idle_timeout() {
 
 #[tokio::test]
 async fn pipelined_http1_requests_are_answered_in_order() {
-    let h = Harness::with(Options {
-        tls: false,
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::plaintext().await;
     let host = h.host();
     let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
     let two = format!(

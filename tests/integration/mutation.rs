@@ -10,7 +10,7 @@ use http::StatusCode;
 use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::harness::{Harness, Options, Signing};
+use super::harness::{Harness, Signing};
 
 const BODY: &[u8] = b"{\"n\":1}";
 
@@ -25,11 +25,7 @@ fn changed_at(s: &str, i: usize) -> String {
 
 #[tokio::test]
 async fn a_credential_changed_in_any_one_character_is_refused() {
-    let mut h = Harness::with(Options {
-        tls: false,
-        ..Options::default()
-    })
-    .await;
+    let mut h = Harness::plaintext().await;
     let bearer = |token: &str| {
         h.request("GET", "/api/catalog/items")
             .header("authorization", format!("Bearer {token}"))
@@ -185,11 +181,7 @@ async fn status_of(h: &Harness, head: &[u8]) -> Option<u16> {
 
 #[tokio::test]
 async fn mangled_request_heads_get_a_contract_answer() {
-    let h = Harness::with(Options {
-        tls: false,
-        ..Options::default()
-    })
-    .await;
+    let h = Harness::plaintext().await;
     let host = h.host();
     let token = h.sa_token("shop", "checkout");
     // No body anywhere: a mangled head never leaves warden waiting for one.

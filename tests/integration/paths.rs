@@ -4,7 +4,7 @@
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::harness::{Harness, Options};
+use super::harness::Harness;
 
 /// Sends raw request bytes; returns the status code.
 async fn raw(h: &Harness, request: Vec<u8>) -> u16 {
@@ -25,11 +25,7 @@ fn get(target: &str, host: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn the_authorizer_and_the_upstream_see_the_same_path() {
-    let mut h = Harness::with(Options {
-        tls: false,
-        ..Options::default()
-    })
-    .await;
+    let mut h = Harness::plaintext().await;
     let host = h.host();
     let long = format!("/public/{}", "a".repeat(4000));
     // (request target, status, the path both must see when forwarded)
@@ -116,11 +112,7 @@ async fn the_authorizer_and_the_upstream_see_the_same_path() {
 
 #[tokio::test]
 async fn oversized_headers_are_431_and_never_forwarded() {
-    let mut h = Harness::with(Options {
-        tls: false,
-        ..Options::default()
-    })
-    .await;
+    let mut h = Harness::plaintext().await;
     let host = h.host();
     let big = "x".repeat(1024);
     let mut req = format!("GET /public/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");

@@ -551,11 +551,7 @@ async fn upstream_down_is_502() {
 #[tokio::test]
 async fn a_chunked_get_body_reaches_the_upstream() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut h = Harness::with(Options {
-        tls: false,
-        ..Options::default()
-    })
-    .await;
+    let mut h = Harness::plaintext().await;
     let host = h.host();
     for body in [&b"hello"[..], &b""[..]] {
         let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
@@ -645,11 +641,7 @@ async fn every_metric_family_is_exported_before_its_first_event() {
 
 #[tokio::test]
 async fn plaintext_listener_and_admin_endpoints() {
-    let mut h = Harness::with(Options {
-        tls: false,
-        ..Options::default()
-    })
-    .await;
+    let mut h = Harness::plaintext().await;
     let rsp = h.send(h.signed("POST", "/api/orders/", b"x")).await;
     assert_eq!(rsp.status, StatusCode::OK, "{}", rsp.text());
     assert_eq!(h.upstream_got().headers["x-forwarded-proto"], "http");
