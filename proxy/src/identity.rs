@@ -3,6 +3,9 @@
 //! Removes hop-by-hop headers (and any a `Connection` header names), then sets
 //! `x-amzn-lattice-identity`, `x-forwarded-for` (the socket peer),
 //! `x-forwarded-proto` and `x-request-id`. Runs only for allowed requests.
+//! An identity the header cannot carry (a control character in a value) is
+//! refused with 401, never forwarded unlabelled: earlier steps refuse every
+//! known source of one, so this is the last line, not the first.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -11,7 +14,9 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Request};
 use tower::{Layer, Service};
 
 use crate::authn::{Identity, Principal};
+use crate::body::Body;
 use crate::config::IdentityHeaders;
+use crate::error::{reject, Either, ProxyError};
 use crate::trace::Trace;
 
 pub const LATTICE_IDENTITY: &str = "x-amzn-lattice-identity";
@@ -176,23 +181,31 @@ pub struct AttachIdentity<S> {
 
 impl<S, B> Service<Request<B>> for AttachIdentity<S>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>, Response = http::Response<Body>, Error = ProxyError>,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
+    type Response = http::Response<Body>;
+    type Error = ProxyError;
+    type Future = Either<S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> S::Future {
-        let identity = if self.headers == IdentityHeaders::Lattice {
-            req.extensions()
-                .get::<Identity>()
-                .and_then(lattice_identity)
-        } else {
-            None
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let identity = match (self.headers, req.extensions().get::<Identity>()) {
+            (IdentityHeaders::Lattice, Some(id)) => {
+                match lattice_identity(id).and_then(|v| HeaderValue::try_from(v).ok()) {
+                    Some(v) => Some(v),
+                    None => {
+                        return reject(ProxyError::unauthenticated(
+                            id.method,
+                            "identity",
+                            "identity holds a control character",
+                        ))
+                    }
+                }
+            }
+            _ => None,
         };
         let trace = req.extensions().get::<Arc<Trace>>().cloned();
         let websocket = is_websocket(&req);
@@ -203,7 +216,7 @@ where
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         }
-        if let Some(v) = identity.and_then(|v| HeaderValue::try_from(v).ok()) {
+        if let Some(v) = identity {
             headers.insert(X_AMZN_LATTICE_IDENTITY, v);
         }
         if let Some(t) = trace {
@@ -218,7 +231,7 @@ where
                 headers.insert(X_REQUEST_ID, v);
             }
         }
-        self.inner.call(req)
+        futures_util::future::Either::Left(self.inner.call(req))
     }
 }
 
@@ -301,5 +314,54 @@ mod tests {
         );
         id.aws.as_mut().unwrap().org_id = Some("o-\n".into());
         assert!(lattice_identity(&id).is_none());
+    }
+
+    /// An identity the header cannot carry is refused here, and the request
+    /// goes no further; a representable one is forwarded with the header.
+    #[tokio::test]
+    async fn an_identity_the_header_cannot_carry_is_refused() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tower::ServiceExt;
+
+        let forwarded = Arc::new(AtomicUsize::new(0));
+        let seen = forwarded.clone();
+        let upstream = tower::service_fn(move |req: Request<()>| {
+            let seen = seen.clone();
+            async move {
+                assert!(req.headers().contains_key(LATTICE_IDENTITY));
+                seen.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, ProxyError>(http::Response::new(crate::body::empty()))
+            }
+        });
+        let svc = IdentityLayer {
+            headers: IdentityHeaders::Lattice,
+        }
+        .layer(upstream);
+        let request = |sub: &str| {
+            let mut req = Request::new(());
+            req.extensions_mut().insert(Identity {
+                principal: Principal::Oidc {
+                    sub: sub.into(),
+                    iss: "https://idp.example".into(),
+                },
+                method: "jwt",
+                aws: None,
+                jwt: None,
+            });
+            req
+        };
+        let rsp = svc.clone().oneshot(request("alice")).await.unwrap();
+        assert_eq!(rsp.status(), 200);
+        assert_eq!(forwarded.load(Ordering::SeqCst), 1);
+        for sub in ["al\u{7}ice", "line\nbreak", "del\u{7f}", "c1\u{85}"] {
+            let err = svc.clone().oneshot(request(sub)).await.unwrap_err();
+            assert_eq!(err.status(), 401, "{sub:?}");
+            assert_eq!(err.reason(), Some("identity holds a control character"));
+        }
+        assert_eq!(
+            forwarded.load(Ordering::SeqCst),
+            1,
+            "a refused request was forwarded"
+        );
     }
 }
