@@ -400,7 +400,7 @@ async fn authenticate_sigv4(
             .verify(&view, &auth, &body_hash, SystemTime::now())
             .map_err(sig_err)?;
         let declared = matches!(payload_mode(req.headers()), Ok(PayloadMode::Declared(_)));
-        (verified.credential.clone(), declared)
+        (verified.credential, declared)
     };
     // The signature covers the declared hash; now the body must match it.
     let req = if verified_declared {
@@ -416,7 +416,7 @@ async fn authenticate_sigv4(
     } else {
         req
     };
-    let principal = AwsPrincipal::from_arn(&credential.principal).map_err(|_| {
+    let principal = credential.aws_principal().cloned().ok_or_else(|| {
         unauth(
             "sigv4",
             "misconfigured",

@@ -643,6 +643,9 @@ pub struct Credential {
     pub org_id: Option<String>,
     #[serde(default)]
     pub tags: std::collections::BTreeMap<String, String>,
+    /// `principal`, read once when the credential is loaded.
+    #[serde(skip)]
+    parsed: Option<crate::authn::AwsPrincipal>,
 }
 
 impl fmt::Debug for Credential {
@@ -663,7 +666,14 @@ impl Credential {
             principal: principal.to_owned(),
             org_id: None,
             tags: Default::default(),
+            parsed: crate::authn::AwsPrincipal::from_arn(principal).ok(),
         }
+    }
+
+    /// The principal this credential signs as; `None` only for a credential
+    /// built from an ARN that is not a role, user or assumed-role.
+    pub fn aws_principal(&self) -> Option<&crate::authn::AwsPrincipal> {
+        self.parsed.as_ref()
     }
 }
 
@@ -684,10 +694,10 @@ pub fn load_credentials(path: &Path) -> Result<Vec<Credential>, String> {
         }
         None => std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
     };
-    let file: CredentialsFile =
+    let mut file: CredentialsFile =
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut seen = std::collections::HashSet::new();
-    for c in &file.credential {
+    for c in &mut file.credential {
         if !seen.insert(c.access_key_id.clone()) {
             return Err(format!(
                 "{}: access key `{}` appears twice",
@@ -702,13 +712,15 @@ pub fn load_credentials(path: &Path) -> Result<Vec<Credential>, String> {
                 c.access_key_id
             ));
         }
-        crate::authn::AwsPrincipal::from_arn(&c.principal)
-            .and_then(|_| {
+        let parsed = crate::authn::AwsPrincipal::from_arn(&c.principal)
+            .and_then(|p| {
                 c.org_id
                     .as_deref()
                     .map_or(Ok(()), crate::authn::check_org_id)
+                    .map(|()| p)
             })
             .map_err(|e| format!("{}: access key `{}`: {e}", path.display(), c.access_key_id))?;
+        c.parsed = Some(parsed);
     }
     Ok(file.credential)
 }
