@@ -120,8 +120,10 @@ pub async fn connect(addr: &UpstreamAddr, timeout: Duration) -> io::Result<Strea
 
 /// How requests reach one upstream.
 enum Upstream {
-    /// HTTP/1.1: kept-alive connections in warden's own pool.
-    Http1(Arc<Pool>),
+    /// HTTP/1.1: kept-alive connections in warden's own pool, and the
+    /// `Host` sent for a client that named none (HTTP/1.0): the upstream's
+    /// own address, as nginx's `proxy_pass` sends.
+    Http1 { pool: Arc<Pool>, host: HeaderValue },
     /// HTTP/2 with prior knowledge: hyper-util's client, one multiplexed connection.
     Http2(Box<Client<Connector, Body>>),
 }
@@ -130,7 +132,14 @@ impl Upstream {
     fn new(addr: &UpstreamAddr, connect_timeout: Duration, h2: bool) -> Self {
         if !h2 {
             let pool = Pool::new(addr.clone(), connect_timeout, IDLE_TIMEOUT);
-            return Self::Http1(Arc::new(pool));
+            let host = match addr {
+                UpstreamAddr::Tcp(a) => HeaderValue::from_str(a).ok(),
+                UpstreamAddr::Unix(_) => None,
+            };
+            return Self::Http1 {
+                pool: Arc::new(pool),
+                host: host.unwrap_or(HeaderValue::from_static("localhost")),
+            };
         }
         let connector = Connector {
             addr: Arc::new(addr.clone()),
@@ -212,15 +221,17 @@ impl Forward {
         timeout: Duration,
     ) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
         match upstream {
-            Upstream::Http1(pool) => match tokio::time::timeout(timeout, pool.send(req)).await {
-                Err(_) => Err(Failure::Timeout),
-                Ok(Ok((rsp, lease))) => Ok((rsp, Some(lease))),
-                Ok(Err(SendError::Connect(e))) if e.kind() == io::ErrorKind::TimedOut => {
-                    Err(Failure::ConnectTimeout)
+            Upstream::Http1 { pool, .. } => {
+                match tokio::time::timeout(timeout, pool.send(req)).await {
+                    Err(_) => Err(Failure::Timeout),
+                    Ok(Ok((rsp, lease))) => Ok((rsp, Some(lease))),
+                    Ok(Err(SendError::Connect(e))) if e.kind() == io::ErrorKind::TimedOut => {
+                        Err(Failure::ConnectTimeout)
+                    }
+                    Ok(Err(SendError::Connect(e))) => Err(Failure::Connect(e.to_string())),
+                    Ok(Err(SendError::Request(e))) => Err(Failure::Protocol(e.to_string())),
                 }
-                Ok(Err(SendError::Connect(e))) => Err(Failure::Connect(e.to_string())),
-                Ok(Err(SendError::Request(e))) => Err(Failure::Protocol(e.to_string())),
-            },
+            }
             Upstream::Http2(client) => {
                 match tokio::time::timeout(timeout, client.request(req)).await {
                     Err(_) => Err(Failure::Timeout),
@@ -308,6 +319,11 @@ impl Service<Request<Body>> for Forward {
                 req.headers_mut().remove(header::HOST);
             } else {
                 *req.uri_mut() = Uri::from(origin_form(req.uri()));
+                if let Upstream::Http1 { host, .. } = upstream {
+                    if !req.headers().contains_key(header::HOST) {
+                        req.headers_mut().insert(header::HOST, host.clone());
+                    }
+                }
                 if body_needs_explicit_framing(&req) {
                     req.headers_mut().insert(
                         header::TRANSFER_ENCODING,

@@ -98,9 +98,13 @@ async fn the_authorizer_and_the_upstream_see_the_same_path() {
     // An HTTP/1.1 request must name its host (HTTP/1.0 need not).
     let hostless = b"GET /public/x HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec();
     assert_eq!(raw(&h, hostless).await, 400);
+    // It reaches the HTTP/1.1 upstream naming the upstream's own address.
     let old = b"GET /public/x HTTP/1.0\r\n\r\n".to_vec();
     assert_eq!(raw(&h, old).await, 200);
-    assert_eq!(h.upstream_got().uri, "/public/x");
+    let got = h.upstream_got();
+    assert_eq!(got.uri, "/public/x");
+    let sent = got.headers["host"].to_str().unwrap();
+    assert!(sent.starts_with("127.0.0.1:") && sent != host, "{sent}");
     // Two Host headers are refused.
     let two = format!(
         "GET /public/x HTTP/1.1\r\nHost: {host}\r\nHost: other\r\nConnection: close\r\n\r\n"
