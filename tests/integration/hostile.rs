@@ -1,5 +1,6 @@
-//! Hostile clients: a slowloris trickling its request head, and an HTTP/2
-//! rapid-reset burst (CVE-2023-44487) beside a well-behaved client.
+//! Hostile clients: a slowloris trickling its request head, an HTTP/2
+//! rapid-reset burst (CVE-2023-44487) and an HTTP/2 CONTINUATION flood
+//! (CVE-2024-27316 and kin), each beside a well-behaved client.
 
 use std::time::Duration;
 
@@ -73,6 +74,23 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// The error code of the last GOAWAY among the frames a server sent.
+fn goaway_code(seen: &[u8]) -> Option<u32> {
+    let mut goaway = None;
+    let mut at = 0;
+    while at + 9 <= seen.len() {
+        let len = usize::from(seen[at]) << 16
+            | usize::from(seen[at + 1]) << 8
+            | usize::from(seen[at + 2]);
+        if seen[at + 3] == 0x7 && at + 9 + 8 <= seen.len() {
+            let p = &seen[at + 9..];
+            goaway = Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+        }
+        at += 9 + len;
+    }
+    goaway
+}
+
 /// A GET for `path` as an HPACK block, without Huffman coding or indexing.
 fn get_headers(host: &str, path: &str) -> Vec<u8> {
     // :method GET, :scheme http (static table entries 2 and 6).
@@ -126,20 +144,8 @@ async fn an_http2_rapid_reset_burst_is_cut_off_and_does_not_starve_others() {
     };
     let ((), seen, ()) = tokio::join!(write, read, honest);
 
-    // Walk the frames the server sent to the attacker: a GOAWAY must be
-    // among them (ENHANCE_YOUR_CALM, 0xb, is what hyper sends).
-    let mut goaway = None;
-    let mut at = 0;
-    while at + 9 <= seen.len() {
-        let len = usize::from(seen[at]) << 16
-            | usize::from(seen[at + 1]) << 8
-            | usize::from(seen[at + 2]);
-        if seen[at + 3] == 0x7 && at + 9 + 8 <= seen.len() {
-            let p = &seen[at + 9..];
-            goaway = Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
-        }
-        at += 9 + len;
-    }
+    // ENHANCE_YOUR_CALM (0xb) is what hyper sends.
+    let goaway = goaway_code(&seen);
     assert_eq!(
         goaway,
         Some(0xb),
@@ -242,4 +248,71 @@ async fn pipelined_http1_requests_are_answered_in_order() {
     let two = text.find("/public/two").expect("second answer");
     assert!(one < two, "{text}");
     assert_eq!(text.matches("HTTP/1.1 200").count(), 2, "{text}");
+}
+
+/// HEADERS without END_HEADERS, then CONTINUATION frames that never end the
+/// block: the server must stop reading it (it is past any header limit long
+/// before the flood ends), forward nothing, and keep serving others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_continuation_flood_is_cut_off_and_forwards_nothing() {
+    const FRAMES: usize = 20_000;
+    let mut h = Harness::plaintext().await;
+    let host = h.host();
+
+    let mut attack = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    // HEADERS on stream 1 with END_STREAM (0x1) but not END_HEADERS (0x4).
+    out.extend(frame(0x1, 0x1, 1, &get_headers(&host, "/public/x")));
+    // Each CONTINUATION holds one literal header, never indexed:
+    // `x-flood-N: <1 000 bytes>`, and none sets END_HEADERS.
+    let filler = "a".repeat(1000);
+    for i in 0..FRAMES {
+        let name = format!("x-flood-{i}");
+        let mut block = vec![0x10, u8::try_from(name.len()).unwrap()];
+        block.extend_from_slice(name.as_bytes());
+        // A 1 000-byte value: HPACK's 7-bit prefix integer, 127 + 873.
+        block.extend_from_slice(&[0x7f, 0xe9, 0x06]);
+        block.extend_from_slice(filler.as_bytes());
+        out.extend(frame(0x9, 0, 1, &block));
+    }
+    let (mut rd, mut wr) = attack.split();
+    let write = async {
+        // The server may close before the flood is written: that is the point.
+        let _ = wr.write_all(&out).await;
+    };
+    let read = async {
+        let mut seen = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut seen))
+            .await
+            .expect("the server kept reading the flood")
+            .ok();
+        seen
+    };
+    let honest = async {
+        let mut conn = Conn::open(h.addr, None, true).await.unwrap();
+        for _ in 0..20 {
+            let req = http::Request::get(format!("http://{host}/public/x"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let rsp = conn.send(req).await.expect("the honest client was refused");
+            assert_eq!(rsp.status, http::StatusCode::OK);
+        }
+    };
+    let ((), seen, ()) = tokio::join!(write, read, honest);
+    let goaway = goaway_code(&seen);
+    eprintln!(
+        "GOAWAY {goaway:?} after {} bytes from the server",
+        seen.len()
+    );
+    assert!(
+        goaway.is_some(),
+        "the flood's connection ended without a GOAWAY"
+    );
+    // Only the honest client's requests reached the upstream.
+    let mut forwarded = 0;
+    while h.seen.try_recv().is_ok() {
+        forwarded += 1;
+    }
+    assert_eq!(forwarded, 20);
 }
