@@ -74,6 +74,40 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// Sends `attack` on its own connection while a well-behaved HTTP/2 client
+/// sends `honest` requests, each of which must be answered 200. Returns what
+/// the server sent the attacker before it closed the connection, which it
+/// must do within 30 s.
+async fn attack_beside_honest(h: &Harness, attack: &[u8], honest: usize) -> Vec<u8> {
+    let host = h.host();
+    let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let (mut rd, mut wr) = conn.split();
+    let write = async {
+        // The server may close before the attack is written: that is the point.
+        let _ = wr.write_all(attack).await;
+    };
+    let read = async {
+        let mut seen = Vec::new();
+        // A reset may end the read: what came before it is kept.
+        let _ = tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut seen))
+            .await
+            .expect("the server kept the attacker's connection open");
+        seen
+    };
+    let served = async {
+        let mut conn = Conn::open(h.addr, None, true).await.unwrap();
+        for _ in 0..honest {
+            let req = http::Request::get(format!("http://{host}/public/x"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let rsp = conn.send(req).await.expect("the honest client was refused");
+            assert_eq!(rsp.status, http::StatusCode::OK);
+        }
+    };
+    let ((), seen, ()) = tokio::join!(write, read, served);
+    seen
+}
+
 /// The error code of the last GOAWAY among the frames a server sent.
 fn goaway_code(seen: &[u8]) -> Option<u32> {
     let mut goaway = None;
@@ -111,7 +145,6 @@ async fn an_http2_rapid_reset_burst_is_cut_off_and_does_not_starve_others() {
     let host = h.host();
 
     // The attacker: prior-knowledge HTTP/2, then HEADERS + RST_STREAM pairs.
-    let mut attack = tokio::net::TcpStream::connect(h.addr).await.unwrap();
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     out.extend(frame(0x4, 0, 0, &[]));
     let block = get_headers(&host, "/public/x");
@@ -120,29 +153,7 @@ async fn an_http2_rapid_reset_burst_is_cut_off_and_does_not_starve_others() {
         out.extend(frame(0x1, 0x5, stream, &block));
         out.extend(frame(0x3, 0, stream, &8u32.to_be_bytes()));
     }
-    let (mut rd, mut wr) = attack.split();
-    let write = async {
-        // The server may close before the burst is written: fine.
-        let _ = wr.write_all(&out).await;
-    };
-    // Read until the server ends the connection, noting its GOAWAY.
-    let read = async {
-        let mut seen = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut seen)).await;
-        seen
-    };
-    // Meanwhile a well-behaved HTTP/2 client is served.
-    let honest = async {
-        let mut conn = Conn::open(h.addr, None, true).await.unwrap();
-        for _ in 0..50 {
-            let req = http::Request::get(format!("http://{host}/public/x"))
-                .body(Full::new(Bytes::new()))
-                .unwrap();
-            let rsp = conn.send(req).await.expect("the honest client was refused");
-            assert_eq!(rsp.status, http::StatusCode::OK);
-        }
-    };
-    let ((), seen, ()) = tokio::join!(write, read, honest);
+    let seen = attack_beside_honest(&h, &out, 50).await;
 
     // ENHANCE_YOUR_CALM (0xb) is what hyper sends.
     let goaway = goaway_code(&seen);
@@ -259,7 +270,6 @@ async fn an_http2_continuation_flood_is_cut_off_and_forwards_nothing() {
     let mut h = Harness::plaintext().await;
     let host = h.host();
 
-    let mut attack = tokio::net::TcpStream::connect(h.addr).await.unwrap();
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     out.extend(frame(0x4, 0, 0, &[]));
     // HEADERS on stream 1 with END_STREAM (0x1) but not END_HEADERS (0x4).
@@ -276,30 +286,7 @@ async fn an_http2_continuation_flood_is_cut_off_and_forwards_nothing() {
         block.extend_from_slice(filler.as_bytes());
         out.extend(frame(0x9, 0, 1, &block));
     }
-    let (mut rd, mut wr) = attack.split();
-    let write = async {
-        // The server may close before the flood is written: that is the point.
-        let _ = wr.write_all(&out).await;
-    };
-    let read = async {
-        let mut seen = Vec::new();
-        tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut seen))
-            .await
-            .expect("the server kept reading the flood")
-            .ok();
-        seen
-    };
-    let honest = async {
-        let mut conn = Conn::open(h.addr, None, true).await.unwrap();
-        for _ in 0..20 {
-            let req = http::Request::get(format!("http://{host}/public/x"))
-                .body(Full::new(Bytes::new()))
-                .unwrap();
-            let rsp = conn.send(req).await.expect("the honest client was refused");
-            assert_eq!(rsp.status, http::StatusCode::OK);
-        }
-    };
-    let ((), seen, ()) = tokio::join!(write, read, honest);
+    let seen = attack_beside_honest(&h, &out, 20).await;
     let goaway = goaway_code(&seen);
     eprintln!(
         "GOAWAY {goaway:?} after {} bytes from the server",
