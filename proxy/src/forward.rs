@@ -164,6 +164,23 @@ enum Failure {
     ConnectTimeout,
     Connect(String),
     Protocol(String),
+    /// The client's request body failed while it was being sent on (a
+    /// malformed chunk, a client gone mid-body): the client's fault, not
+    /// the upstream's.
+    ClientBody,
+}
+
+/// Whether `e`, or an error it was caused by, is a body error. The only
+/// body warden hands its upstream clients is the client's request body.
+fn is_client_body_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if e.is::<crate::body::BodyError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// The innermost service: sends the request to the upstream.
@@ -229,6 +246,9 @@ impl Forward {
                         Err(Failure::ConnectTimeout)
                     }
                     Ok(Err(SendError::Connect(e))) => Err(Failure::Connect(e.to_string())),
+                    Ok(Err(SendError::Request(e))) if is_client_body_error(&e) => {
+                        Err(Failure::ClientBody)
+                    }
                     Ok(Err(SendError::Request(e))) => Err(Failure::Protocol(e.to_string())),
                 }
             }
@@ -242,6 +262,8 @@ impl Forward {
                             .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut);
                         Err(if timed_out {
                             Failure::ConnectTimeout
+                        } else if is_client_body_error(&e) {
+                            Failure::ClientBody
                         } else if e.is_connect() {
                             Failure::Connect(e.to_string())
                         } else {
@@ -359,6 +381,9 @@ impl Service<Request<Body>> for Forward {
                     return Err(ProxyError::UpstreamUnavailable(
                         "upstream connection failed".into(),
                     ));
+                }
+                Err(Failure::ClientBody) => {
+                    return Err(ProxyError::bad_request("error reading request body"));
                 }
                 Err(Failure::Protocol(e)) => {
                     fail("protocol");

@@ -401,6 +401,21 @@ policies = "{policies}"
         (rsp.status.as_u16(), rsp.text())
     }
 
+    /// Sends raw request bytes on a new connection, reads until the proxy
+    /// closes it, and returns the first answer's status (0 for none).
+    pub async fn raw(&self, request: Vec<u8>) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        s.write_all(&request).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+        let text = String::from_utf8_lossy(&buf);
+        text.split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Asserts nothing reached the upstream.
     pub fn assert_upstream_untouched(&mut self) {
         assert!(

@@ -1,6 +1,7 @@
 //! Hostile clients: a slowloris trickling its request head, an HTTP/2
 //! rapid-reset burst (CVE-2023-44487) and an HTTP/2 CONTINUATION flood
-//! (CVE-2024-27316 and kin), each beside a well-behaved client.
+//! (CVE-2024-27316 and kin), each beside a well-behaved client, and HTTP/1.1
+//! framing built to smuggle a second request past the proxy.
 
 use std::time::Duration;
 
@@ -302,4 +303,145 @@ async fn an_http2_continuation_flood_is_cut_off_and_forwards_nothing() {
         forwarded += 1;
     }
     assert_eq!(forwarded, 20);
+}
+
+/// Each way of framing a body that proxies have disagreed on with their
+/// upstreams. Every one is either refused (400, nothing forwarded) or reaches
+/// the upstream as exactly one request, framed once, whose body is what the
+/// client's framing says: the smuggled request inside is only ever body.
+#[tokio::test]
+async fn conflicting_or_malformed_body_framing_cannot_smuggle_a_request() {
+    let mut h = Harness::plaintext().await;
+    let host = h.host();
+    let inner = format!("GET /api/admin/x HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let chunked = format!("{:x}\r\n{inner}\r\n0\r\n\r\n", inner.len());
+    let te = "Transfer-Encoding: chunked\r\n";
+    let cl = "Content-Length: 5\r\n";
+    // (case, headers and body after the request line and Host, status, the
+    // body the upstream must receive when forwarded)
+    let cases: Vec<(&str, String, u16, Option<&str>)> = vec![
+        // RFC 9112 §6.3: chunked wins and Content-Length is not forwarded.
+        (
+            "CL then TE",
+            format!("{cl}{te}\r\n{chunked}"),
+            200,
+            Some(&inner),
+        ),
+        (
+            "TE then CL",
+            format!("{te}{cl}\r\n{chunked}"),
+            200,
+            Some(&inner),
+        ),
+        (
+            "TE twice",
+            format!("{te}{te}\r\n{chunked}"),
+            200,
+            Some(&inner),
+        ),
+        (
+            "TE upper case",
+            format!("Transfer-Encoding: CHUNKED\r\n\r\n{chunked}"),
+            200,
+            Some(&inner),
+        ),
+        (
+            "chunk extension",
+            format!("{te}\r\n5;x=y\r\nhello\r\n0\r\n\r\n"),
+            200,
+            Some("hello"),
+        ),
+        (
+            "CL repeated, equal",
+            format!("{cl}{cl}\r\nhello"),
+            200,
+            Some("hello"),
+        ),
+        (
+            "CL repeated, differing",
+            format!("{cl}Content-Length: 6\r\n\r\nhello!"),
+            400,
+            None,
+        ),
+        (
+            "CL list",
+            "Content-Length: 5, 6\r\n\r\nhello!".into(),
+            400,
+            None,
+        ),
+        (
+            "CL signed",
+            "Content-Length: +5\r\n\r\nhello".into(),
+            400,
+            None,
+        ),
+        (
+            "TE chunked not last",
+            format!("Transfer-Encoding: chunked, identity\r\n\r\n{chunked}"),
+            400,
+            None,
+        ),
+        (
+            "TE unknown",
+            format!("Transfer-Encoding: xchunked\r\n\r\n{chunked}"),
+            400,
+            None,
+        ),
+        (
+            "space before colon",
+            format!("Transfer-Encoding : chunked\r\n\r\n{chunked}"),
+            400,
+            None,
+        ),
+        (
+            "obs-fold",
+            format!("Transfer-Encoding:\r\n chunked\r\n\r\n{chunked}"),
+            400,
+            None,
+        ),
+        // Bad chunks are found while the body streams to the upstream: the
+        // client's fault, so 400, never the upstream's 502.
+        (
+            "chunk size overflow",
+            format!("{te}\r\nfffffffffffffffff1\r\nhello\r\n0\r\n\r\n"),
+            400,
+            None,
+        ),
+        (
+            "chunk size not hex",
+            format!("{te}\r\nzz\r\nhello\r\n0\r\n\r\n"),
+            400,
+            None,
+        ),
+        (
+            "chunk longer than its size",
+            format!("{te}\r\n2\r\nhello\r\n0\r\n\r\n"),
+            400,
+            None,
+        ),
+    ];
+    for (case, rest, status, body) in cases {
+        // The shipped policies let anyone GET /public/, so the framing alone decides.
+        let req = format!("GET /public/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{rest}");
+        assert_eq!(h.raw(req.into_bytes()).await, status, "{case}");
+        if let Some(body) = body {
+            let got = h.upstream_got();
+            assert_eq!(got.uri, "/public/x", "{case}");
+            assert_eq!(got.body, body.as_bytes(), "{case}");
+            let framings = ["content-length", "transfer-encoding"]
+                .iter()
+                .filter(|f| got.headers.contains_key(**f))
+                .count();
+            assert_eq!(framings, 1, "{case}: {:?}", got.headers);
+        }
+        // Nothing else reached the upstream: no second, smuggled request.
+        h.assert_upstream_untouched();
+    }
+    // The refusals were the client's, not the upstream's.
+    let (_, metrics) = h.admin_get("/metrics").await;
+    let protocol = metrics
+        .lines()
+        .find(|l| l.starts_with("warden_upstream_errors_total{kind=\"protocol\"}"))
+        .expect("the protocol series is exported");
+    assert!(protocol.ends_with(" 0"), "{protocol}");
 }

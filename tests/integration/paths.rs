@@ -2,22 +2,7 @@
 //! the running proxy. The authorizer (decision-log `resource`) and the
 //! upstream always see the same path, or the request is refused before both.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use super::harness::Harness;
-
-/// Sends raw request bytes; returns the status code.
-async fn raw(h: &Harness, request: Vec<u8>) -> u16 {
-    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    s.write_all(&request).await.unwrap();
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf).await;
-    let text = String::from_utf8_lossy(&buf);
-    text.split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
-}
 
 fn get(target: &str, host: &str) -> Vec<u8> {
     format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes()
@@ -61,7 +46,7 @@ async fn the_authorizer_and_the_upstream_see_the_same_path() {
         ("*".into(), 400, None),
     ];
     for (target, status, seen) in &rows {
-        let got = raw(&h, get(target, &host)).await;
+        let got = h.raw(get(target, &host)).await;
         assert_eq!(got, *status, "{target}");
         match seen {
             Some(path) => {
@@ -87,20 +72,20 @@ async fn the_authorizer_and_the_upstream_see_the_same_path() {
     // Methods are case-sensitive tokens: `get` is not an action in the schema.
     let lower =
         format!("get /public/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes();
-    assert_eq!(raw(&h, lower).await, 405);
+    assert_eq!(h.raw(lower).await, 405);
     // OPTIONS * and CONNECT (authority form) are refused.
     let star =
         format!("OPTIONS * HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes();
-    assert_eq!(raw(&h, star).await, 400);
+    assert_eq!(h.raw(star).await, 400);
     let connect = format!("CONNECT {host} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
         .into_bytes();
-    assert_eq!(raw(&h, connect).await, 400);
+    assert_eq!(h.raw(connect).await, 400);
     // An HTTP/1.1 request must name its host (HTTP/1.0 need not).
     let hostless = b"GET /public/x HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec();
-    assert_eq!(raw(&h, hostless).await, 400);
+    assert_eq!(h.raw(hostless).await, 400);
     // It reaches the HTTP/1.1 upstream naming the upstream's own address.
     let old = b"GET /public/x HTTP/1.0\r\n\r\n".to_vec();
-    assert_eq!(raw(&h, old).await, 200);
+    assert_eq!(h.raw(old).await, 200);
     let got = h.upstream_got();
     assert_eq!(got.uri, "/public/x");
     let sent = got.headers["host"].to_str().unwrap();
@@ -110,7 +95,7 @@ async fn the_authorizer_and_the_upstream_see_the_same_path() {
         "GET /public/x HTTP/1.1\r\nHost: {host}\r\nHost: other\r\nConnection: close\r\n\r\n"
     )
     .into_bytes();
-    assert_eq!(raw(&h, two).await, 400);
+    assert_eq!(h.raw(two).await, 400);
     h.assert_upstream_untouched();
 }
 
@@ -124,9 +109,9 @@ async fn oversized_headers_are_431_and_never_forwarded() {
         req.push_str(&format!("x-filler-{i}: {big}\r\n"));
     }
     req.push_str("\r\n");
-    assert_eq!(raw(&h, req.into_bytes()).await, 431);
+    assert_eq!(h.raw(req.into_bytes()).await, 431);
     h.assert_upstream_untouched();
     // A normal request on a new connection is still served.
-    assert_eq!(raw(&h, get("/public/x", &host)).await, 200);
+    assert_eq!(h.raw(get("/public/x", &host)).await, 200);
     h.upstream_got();
 }
