@@ -324,13 +324,18 @@ impl Service<Request<Body>> for Forward {
             let Some(upstream) = upstreams.get(index) else {
                 return Err(ProxyError::NoRoute);
             };
-            // An HTTP/2 request names its host in `:authority`; HTTP/1.1 needs `host`.
+            // An HTTP/2 request names its host in `:authority`; HTTP/1.1 needs
+            // `host`, which an HTTP/1.0 client may not have sent.
             if !req.headers().contains_key(header::HOST) {
-                if let Some(v) = req
+                let host = req
                     .uri()
                     .authority()
                     .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-                {
+                    .or_else(|| match upstream {
+                        Upstream::Http1 { host, .. } => Some(host.clone()),
+                        Upstream::Http2(_) => None,
+                    });
+                if let Some(v) = host {
                     req.headers_mut().insert(header::HOST, v);
                 }
             }
@@ -341,11 +346,6 @@ impl Service<Request<Body>> for Forward {
                 req.headers_mut().remove(header::HOST);
             } else {
                 *req.uri_mut() = Uri::from(origin_form(req.uri()));
-                if let Upstream::Http1 { host, .. } = upstream {
-                    if !req.headers().contains_key(header::HOST) {
-                        req.headers_mut().insert(header::HOST, host.clone());
-                    }
-                }
                 if body_needs_explicit_framing(&req) {
                     req.headers_mut().insert(
                         header::TRANSFER_ENCODING,
