@@ -445,3 +445,47 @@ async fn conflicting_or_malformed_body_framing_cannot_smuggle_a_request() {
         .expect("the protocol series is exported");
     assert!(protocol.ends_with(" 0"), "{protocol}");
 }
+
+/// `Expect: 100-continue`: warden asks for the body only of a request it
+/// lets through. A refused one gets its answer at once, with no
+/// `100 Continue`, and its body is never read or forwarded.
+#[tokio::test]
+async fn a_body_is_solicited_only_for_an_allowed_request() {
+    let mut h = Harness::plaintext().await;
+    let host = h.host();
+    // (method, path, the first answer the client reads)
+    for (method, path, first) in [
+        ("GET", "/public/x", "HTTP/1.1 100 Continue\r\n\r\n"),
+        ("POST", "/api/admin/x", "HTTP/1.1 403 Forbidden\r\n"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("no answer to the request head")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(answer.starts_with(first), "{method} {path}: {answer}");
+        if method == "POST" {
+            assert!(!answer.contains("100 Continue"), "{answer}");
+            h.assert_upstream_untouched();
+            continue;
+        }
+        s.write_all(b"hello").await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("no answer after the body")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        let got = h.upstream_got();
+        assert_eq!(
+            (got.uri.as_str(), &got.body[..]),
+            ("/public/x", &b"hello"[..])
+        );
+    }
+}
