@@ -46,6 +46,10 @@ pub enum ProxyError {
     UpstreamUnavailable(Reason),
     #[error("upstream timed out")]
     UpstreamTimeout,
+    /// The client paused its request body for longer than the request
+    /// timeout.
+    #[error("request body not received in time")]
+    RequestTimeout,
 }
 
 impl ProxyError {
@@ -76,6 +80,7 @@ impl ProxyError {
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -89,6 +94,7 @@ impl ProxyError {
             Self::PayloadTooLarge => "payload_too_large",
             Self::Unavailable { .. } => "unavailable",
             Self::UpstreamUnavailable(_) | Self::UpstreamTimeout => "upstream_unavailable",
+            Self::RequestTimeout => "request_timeout",
         }
     }
 
@@ -100,6 +106,7 @@ impl ProxyError {
             | Self::Unavailable { reason: r, .. }
             | Self::UpstreamUnavailable(r) => Some(r),
             Self::UpstreamTimeout => Some("upstream timed out"),
+            Self::RequestTimeout => Some("request body not received in time"),
             Self::PayloadTooLarge => Some("body larger than the configured limit"),
             Self::Forbidden | Self::MethodNotAllowed => None,
             Self::NoRoute => Some("no route for this host"),
@@ -113,6 +120,7 @@ impl ProxyError {
             Self::Unavailable { .. } | Self::UpstreamUnavailable(_) | Self::UpstreamTimeout => 14,
             Self::BadRequest(_) | Self::MethodNotAllowed => 3,
             Self::NoRoute => 12,
+            Self::RequestTimeout => 4,
             Self::PayloadTooLarge => 8,
         }
     }

@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -168,6 +169,98 @@ enum Failure {
     /// malformed chunk, a client gone mid-body): the client's fault, not
     /// the upstream's.
     ClientBody,
+    /// The client paused its request body for the whole request timeout.
+    ClientBodyTimeout,
+}
+
+/// When a request body streaming to the upstream last moved. The request
+/// timeout runs from a body's last byte, not from the request's start: a
+/// large upload that keeps moving is not cut off, and a client that stops
+/// sending is told so (408) instead of the upstream being blamed (504).
+struct BodyClock {
+    start: tokio::time::Instant,
+    /// Milliseconds from `start` to the last frame (or the end).
+    last: AtomicU64,
+    done: AtomicBool,
+    /// The last poll found no frame ready: the client is the one waited on,
+    /// not the upstream (which may simply not be reading the body).
+    waiting_on_client: AtomicBool,
+}
+
+impl BodyClock {
+    fn new() -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+            last: AtomicU64::new(0),
+            done: AtomicBool::new(false),
+            waiting_on_client: AtomicBool::new(false),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    fn deadline(&self, timeout: Duration) -> tokio::time::Instant {
+        self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + timeout
+    }
+
+    /// Resolves when the body has been still for `timeout`, with whose
+    /// fault that is.
+    async fn expiry(&self, timeout: Duration) -> Failure {
+        loop {
+            tokio::time::sleep_until(self.deadline(timeout)).await;
+            if self.deadline(timeout) <= tokio::time::Instant::now() {
+                let client = !self.done.load(Ordering::Acquire)
+                    && self.waiting_on_client.load(Ordering::Acquire);
+                return if client {
+                    Failure::ClientBodyTimeout
+                } else {
+                    Failure::Timeout
+                };
+            }
+        }
+    }
+}
+
+/// A request body that keeps its [`BodyClock`] up to date.
+struct Clocked {
+    inner: Body,
+    clock: Arc<BodyClock>,
+}
+
+impl http_body::Body for Clocked {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let clock = &self.clock;
+        clock
+            .waiting_on_client
+            .store(polled.is_pending(), Ordering::Release);
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => clock.touch(),
+            Poll::Ready(None) => {
+                clock.touch();
+                clock.done.store(true, Ordering::Release);
+            }
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Whether `e`, or an error it was caused by, is a body error. The only
@@ -231,47 +324,67 @@ impl Forward {
     }
 
     /// Sends `req` on `upstream`: the response, and the lease on a pooled
-    /// HTTP/1.1 connection that its body gives back.
+    /// HTTP/1.1 connection that its body gives back. `timeout` runs from the
+    /// start, or for a request with a body, from the body's last byte.
     async fn send(
         upstream: &Upstream,
-        req: Request<Body>,
+        mut req: Request<Body>,
         timeout: Duration,
     ) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
+        use http_body::Body as _;
+        if req.body().is_end_stream() {
+            return tokio::time::timeout(timeout, Forward::exchange(upstream, req))
+                .await
+                .unwrap_or(Err(Failure::Timeout));
+        }
+        let clock = Arc::new(BodyClock::new());
+        let inner = std::mem::replace(req.body_mut(), body::empty());
+        *req.body_mut() = http_body_util::BodyExt::boxed_unsync(Clocked {
+            inner,
+            clock: clock.clone(),
+        });
+        // Boxed: only requests with a body carry this future's state.
+        Box::pin(async move {
+            tokio::select! {
+                sent = Forward::exchange(upstream, req) => sent,
+                failure = clock.expiry(timeout) => Err(failure),
+            }
+        })
+        .await
+    }
+
+    /// Sends `req` and waits for the response head, with no deadline.
+    async fn exchange(
+        upstream: &Upstream,
+        req: Request<Body>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), Failure> {
         match upstream {
-            Upstream::Http1 { pool, .. } => {
-                match tokio::time::timeout(timeout, pool.send(req)).await {
-                    Err(_) => Err(Failure::Timeout),
-                    Ok(Ok((rsp, lease))) => Ok((rsp, Some(lease))),
-                    Ok(Err(SendError::Connect(e))) if e.kind() == io::ErrorKind::TimedOut => {
-                        Err(Failure::ConnectTimeout)
-                    }
-                    Ok(Err(SendError::Connect(e))) => Err(Failure::Connect(e.to_string())),
-                    Ok(Err(SendError::Request(e))) if is_client_body_error(&e) => {
-                        Err(Failure::ClientBody)
-                    }
-                    Ok(Err(SendError::Request(e))) => Err(Failure::Protocol(e.to_string())),
+            Upstream::Http1 { pool, .. } => match pool.send(req).await {
+                Ok((rsp, lease)) => Ok((rsp, Some(lease))),
+                Err(SendError::Connect(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                    Err(Failure::ConnectTimeout)
                 }
-            }
-            Upstream::Http2(client) => {
-                match tokio::time::timeout(timeout, client.request(req)).await {
-                    Err(_) => Err(Failure::Timeout),
-                    Ok(Ok(rsp)) => Ok((rsp, None)),
-                    Ok(Err(e)) => {
-                        let timed_out = std::error::Error::source(&e)
-                            .and_then(|s| s.downcast_ref::<io::Error>())
-                            .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut);
-                        Err(if timed_out {
-                            Failure::ConnectTimeout
-                        } else if is_client_body_error(&e) {
-                            Failure::ClientBody
-                        } else if e.is_connect() {
-                            Failure::Connect(e.to_string())
-                        } else {
-                            Failure::Protocol(e.to_string())
-                        })
-                    }
+                Err(SendError::Connect(e)) => Err(Failure::Connect(e.to_string())),
+                Err(SendError::Request(e)) if is_client_body_error(&e) => Err(Failure::ClientBody),
+                Err(SendError::Request(e)) => Err(Failure::Protocol(e.to_string())),
+            },
+            Upstream::Http2(client) => match client.request(req).await {
+                Ok(rsp) => Ok((rsp, None)),
+                Err(e) => {
+                    let timed_out = std::error::Error::source(&e)
+                        .and_then(|s| s.downcast_ref::<io::Error>())
+                        .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut);
+                    Err(if timed_out {
+                        Failure::ConnectTimeout
+                    } else if is_client_body_error(&e) {
+                        Failure::ClientBody
+                    } else if e.is_connect() {
+                        Failure::Connect(e.to_string())
+                    } else {
+                        Failure::Protocol(e.to_string())
+                    })
                 }
-            }
+            },
         }
     }
 }
@@ -385,6 +498,7 @@ impl Service<Request<Body>> for Forward {
                 Err(Failure::ClientBody) => {
                     return Err(ProxyError::bad_request("error reading request body"));
                 }
+                Err(Failure::ClientBodyTimeout) => return Err(ProxyError::RequestTimeout),
                 Err(Failure::Protocol(e)) => {
                     fail("protocol");
                     tracing::warn!(error = %e, "upstream request failed");
@@ -457,6 +571,84 @@ mod tests {
                 took.recv().await.unwrap();
             }
         }
+    }
+
+    /// A body whose frames come `gap` apart, `chunks` of them, then (unless
+    /// `stall`) its end; a stalled one never ends.
+    fn trickle(chunks: usize, gap: Duration, stall: bool) -> Body {
+        let frames = futures_util::stream::unfold(0, move |i| async move {
+            if i == chunks {
+                if stall {
+                    std::future::pending::<()>().await;
+                }
+                return None;
+            }
+            tokio::time::sleep(gap).await;
+            let frame = http_body::Frame::data(bytes::Bytes::from_static(b"chunk"));
+            Some((Ok::<_, std::convert::Infallible>(frame), i + 1))
+        });
+        body::boxed(http_body_util::StreamBody::new(frames))
+    }
+
+    fn post(path: &str, body: Body) -> Request<Body> {
+        Request::post(format!("http://a{path}"))
+            .header(header::HOST, "a")
+            .header(header::TRANSFER_ENCODING, "chunked")
+            .body(body)
+            .unwrap()
+    }
+
+    /// The request timeout runs from a body's last byte: an upload that
+    /// keeps moving outlasts it; one the client stops sending is the
+    /// client's timeout, not the upstream's.
+    #[tokio::test]
+    async fn the_request_timeout_runs_from_the_last_byte_of_the_body() {
+        let (addr, mut seen) = crate::devkit::spawn_upstream().await.unwrap();
+        let timeout = Duration::from_millis(300);
+        for h2 in [false, true] {
+            let upstream = Upstream::new(&UpstreamAddr::Tcp(addr.to_string()), timeout, h2);
+            // Eight chunks 100 ms apart: 800 ms in all, each gap well inside 300 ms.
+            let req = post("/moving", trickle(8, Duration::from_millis(100), false));
+            let sent = Forward::send(&upstream, req, timeout).await;
+            assert!(sent.is_ok(), "h2: {h2}: a moving upload was cut off");
+            // The echo upstream also reports the stalled upload, cut short.
+            let moved = loop {
+                let got = tokio::time::timeout(Duration::from_secs(10), seen.recv())
+                    .await
+                    .expect("the upstream saw no upload")
+                    .unwrap();
+                if got.uri.ends_with("/moving") {
+                    break got;
+                }
+            };
+            assert_eq!(moved.body.len(), 8 * 5, "h2: {h2}");
+            // One chunk, then nothing.
+            let req = post("/stalled", trickle(1, Duration::ZERO, true));
+            let sent = Forward::send(&upstream, req, timeout).await;
+            assert!(
+                matches!(sent, Err(Failure::ClientBodyTimeout)),
+                "h2: {h2}: a stalled client"
+            );
+        }
+    }
+
+    /// An upstream that stops reading a large body is the upstream's
+    /// timeout, though the body is unfinished.
+    #[tokio::test]
+    async fn an_upstream_that_stops_reading_the_body_is_a_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        let upstream = Upstream::new(&UpstreamAddr::Tcp(addr), Duration::from_secs(5), false);
+        // Far more than the socket buffers hold.
+        let req = post("/large", body::full(vec![b'x'; 64 << 20]));
+        let sent = Forward::send(&upstream, req, Duration::from_millis(300)).await;
+        assert!(matches!(sent, Err(Failure::Timeout)));
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct Options {
     pub credentials_extra: String,
     /// Extra `[authn.aws] accounts` entries, like `, "999999999999" = "o-…"`.
     pub accounts_extra: String,
+    /// `[upstream] request_timeout`.
+    pub request_timeout: &'static str,
 }
 
 impl Default for Options {
@@ -68,6 +70,7 @@ impl Default for Options {
             service_extra: String::new(),
             credentials_extra: String::new(),
             accounts_extra: String::new(),
+            request_timeout: "5s",
         }
     }
 }
@@ -203,7 +206,7 @@ address = "127.0.0.1:0"
 [upstream]
 address = "{upstream}"
 connect_timeout = "1s"
-request_timeout = "5s"
+request_timeout = "{request_timeout}"
 protocol = "{protocol}"
 
 [admin]
@@ -234,6 +237,7 @@ policies = "{policies}"
             accounts_extra = opts.accounts_extra,
             authz_extra = opts.authz_extra,
             max_body = opts.max_body,
+            request_timeout = opts.request_timeout,
             protocol = if opts.upstream_h2 { "h2" } else { "http1" },
             jwt_block = opts.jwt_block.clone().unwrap_or_else(|| format!(
                 "[[authn.jwt]]\nissuer = \"{ISSUER}\"\naudiences = [\"orders\"]\njwks_file = \"jwks.json\"\nprincipal = \"k8s\"\ncluster = \"test\"\n"
@@ -369,6 +373,15 @@ policies = "{policies}"
             "iss": ISSUER, "aud": "orders", "sub": format!("system:serviceaccount:{ns}:{name}"),
             "exp": devkit::now_secs() + 600,
         }))
+    }
+
+    /// The value of one series (`name{labels}` exactly as exported), if
+    /// exported.
+    pub async fn series(&self, series: &str) -> Option<u64> {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
     pub async fn metrics(&self) -> String {

@@ -438,12 +438,10 @@ async fn conflicting_or_malformed_body_framing_cannot_smuggle_a_request() {
         h.assert_upstream_untouched();
     }
     // The refusals were the client's, not the upstream's.
-    let (_, metrics) = h.admin_get("/metrics").await;
-    let protocol = metrics
-        .lines()
-        .find(|l| l.starts_with("warden_upstream_errors_total{kind=\"protocol\"}"))
-        .expect("the protocol series is exported");
-    assert!(protocol.ends_with(" 0"), "{protocol}");
+    let protocol = h
+        .series(r#"warden_upstream_errors_total{kind="protocol"}"#)
+        .await;
+    assert_eq!(protocol, Some(0));
 }
 
 /// `Expect: 100-continue`: warden asks for the body only of a request it
@@ -488,4 +486,33 @@ async fn a_body_is_solicited_only_for_an_allowed_request() {
             ("/public/x", &b"hello"[..])
         );
     }
+}
+
+/// A client that stops partway through its body is answered 408 once the
+/// request timeout passes with nothing new, and the upstream is not blamed.
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_a_request_timeout() {
+    let h = Harness::with(Options {
+        tls: false,
+        request_timeout: "300ms",
+        ..Options::default()
+    })
+    .await;
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let head = format!(
+        "GET /public/x HTTP/1.1\r\nHost: {}\r\nContent-Length: 10\r\n\r\nhello",
+        h.host()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("no answer to a stalled body");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(answer.contains(r#""error":"request_timeout""#), "{answer}");
+    let timeouts = h
+        .series(r#"warden_upstream_errors_total{kind="timeout"}"#)
+        .await;
+    assert_eq!(timeouts, Some(0));
 }
