@@ -49,6 +49,7 @@ pub fn load(cfg: &Config) -> Result<Loaded, String> {
                 }
             },
             max_body: s.max_body,
+            body_timeout: cfg.upstream.request_timeout,
             accounts: cfg.authn.aws.accounts.clone(),
         }),
         None => None,

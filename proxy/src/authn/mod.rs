@@ -18,12 +18,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderMap, Request, Response};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use tower::{Layer, Service};
 
 use crate::body::{self, Body};
@@ -219,6 +219,9 @@ impl Identity {
 pub struct SigV4State {
     pub verifier: sigv4::Verifier,
     pub max_body: u64,
+    /// The longest pause in a body buffered to check its hash (the
+    /// upstream's `request_timeout`).
+    pub body_timeout: Duration,
     pub accounts: BTreeMap<String, String>,
 }
 
@@ -292,12 +295,15 @@ fn sig_err(e: sigv4::SigError) -> ProxyError {
     unauth("sigv4", e.code(), e.to_string())
 }
 
-/// Reads the whole body, refusing more than `limit` bytes with 413.
+/// Reads the whole body, refusing more than `limit` bytes with 413, and a
+/// body that pauses for `idle` with 408: this runs before the signature is
+/// known to be good, so any client could otherwise hold a request open.
 async fn buffer_body(
     req: Request<Body>,
     limit: u64,
+    idle: Duration,
 ) -> Result<(http::request::Parts, Bytes), ProxyError> {
-    let (parts, body) = req.into_parts();
+    let (parts, mut body) = req.into_parts();
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -307,17 +313,39 @@ async fn buffer_body(
         return Err(ProxyError::PayloadTooLarge);
     }
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    let bytes = Limited::new(body, limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                ProxyError::PayloadTooLarge
-            } else {
-                ProxyError::bad_request("error reading request body")
+    // Most bodies are one frame, kept as it came; more are copied together.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<bytes::BytesMut> = None;
+    let mut len = 0usize;
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(ProxyError::RequestTimeout),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Err(ProxyError::bad_request("error reading request body")),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        len = len.saturating_add(data.len());
+        if len > limit {
+            return Err(ProxyError::PayloadTooLarge);
+        }
+        match (&mut joined, first.take()) {
+            (Some(all), _) => all.extend_from_slice(&data),
+            (None, None) => first = Some(data),
+            (None, Some(before)) => {
+                let mut all = bytes::BytesMut::with_capacity(len);
+                all.extend_from_slice(&before);
+                all.extend_from_slice(&data);
+                joined = Some(all);
             }
-        })?
-        .to_bytes();
+        }
+    }
+    let bytes = match joined {
+        Some(all) => all.freeze(),
+        None => first.unwrap_or_default(),
+    };
     Ok((parts, bytes))
 }
 
@@ -366,7 +394,7 @@ async fn authenticate_sigv4(
     let mode = payload_mode(req.headers())?;
     let (req, body_hash) = match mode {
         PayloadMode::Compute => {
-            let (parts, bytes) = buffer_body(req, state.max_body).await?;
+            let (parts, bytes) = buffer_body(req, state.max_body, state.body_timeout).await?;
             let hash = sigv4::sha256_hex(&bytes);
             (Request::from_parts(parts, body::full(bytes)), hash)
         }
@@ -404,7 +432,7 @@ async fn authenticate_sigv4(
     };
     // The signature covers the declared hash; now the body must match it.
     let req = if verified_declared {
-        let (parts, bytes) = buffer_body(req, state.max_body).await?;
+        let (parts, bytes) = buffer_body(req, state.max_body, state.body_timeout).await?;
         if sigv4::sha256_hex(&bytes) != body_hash {
             return Err(unauth(
                 "sigv4",
@@ -724,6 +752,46 @@ fn record(trace: Option<&Trace>, outcome: Result<&Identity, &ProxyError>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body of `frames` (data, or trailers for `None`), then, if `stall`,
+    /// no end.
+    fn framed(frames: Vec<Option<&'static [u8]>>, stall: bool) -> Request<Body> {
+        let frames = frames.into_iter().map(|f| {
+            Ok::<_, std::convert::Infallible>(match f {
+                Some(data) => http_body::Frame::data(Bytes::from_static(data)),
+                None => http_body::Frame::trailers(HeaderMap::new()),
+            })
+        });
+        let end = futures_util::stream::once(async move {
+            if stall {
+                std::future::pending::<()>().await;
+            }
+            Ok(http_body::Frame::data(Bytes::new()))
+        });
+        let stream = futures_util::StreamExt::chain(futures_util::stream::iter(frames), end);
+        Request::new(body::boxed(http_body_util::StreamBody::new(stream)))
+    }
+
+    #[tokio::test]
+    async fn a_buffered_body_is_whole_bounded_and_timed() {
+        let idle = Duration::from_millis(200);
+        let whole = |frames, limit| async move {
+            buffer_body(framed(frames, false), limit, idle)
+                .await
+                .map(|(_, bytes)| bytes)
+        };
+        let one = whole(vec![Some(b"hello".as_slice())], 5).await.unwrap();
+        assert_eq!(one, "hello");
+        let three = vec![Some(b"he".as_slice()), Some(b"ll"), None, Some(b"o")];
+        assert_eq!(whole(three.clone(), 5).await.unwrap(), "hello");
+        assert!(matches!(
+            whole(three, 4).await,
+            Err(ProxyError::PayloadTooLarge)
+        ));
+        assert_eq!(whole(vec![], 5).await.unwrap(), "");
+        let stalled = buffer_body(framed(vec![Some(b"he")], true), 5, idle).await;
+        assert!(matches!(stalled, Err(ProxyError::RequestTimeout)));
+    }
 
     #[test]
     fn a_principal_prints_as_its_type_and_debug_quoted_id() {
