@@ -596,24 +596,30 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).ok_or_else(|| {
         de::Error::custom(format!(
-            "invalid duration `{s}`: expected a number and a unit (ms, s, m, h), like `5s`"
+            "invalid duration `{s}`: expected a number and a unit (ms, s, m, h), like `5s`, \
+             of at most 365 days"
         ))
     })
 }
 
-/// Parses `"500ms"`, `"5s"`, `"5m"`, `"1h"`.
+/// The longest duration any setting takes: deadlines are computed by adding
+/// one to the clock, which must never overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Parses `"500ms"`, `"5s"`, `"5m"`, `"1h"`, up to 365 days.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit())?;
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().ok()?;
-    Some(match unit.trim() {
+    let d = match unit.trim() {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.checked_mul(60)?),
         "h" => Duration::from_secs(n.checked_mul(3600)?),
         _ => return None,
-    })
+    };
+    (d <= MAX_DURATION).then_some(d)
 }
 
 fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -938,6 +944,11 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("5"), None);
         assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("8760h"), Some(MAX_DURATION));
+        assert_eq!(parse_duration("8761h"), None);
+        assert_eq!(parse_duration("18446744073709551615s"), None);
+        let err = parse("[upstream]\nrequest_timeout = \"9999999999h\"\n").unwrap_err();
+        assert!(err.0.contains("at most 365 days"), "{err}");
         assert_eq!(parse_size("1MiB"), Some(1 << 20));
         assert_eq!(parse_size("10"), Some(10));
         assert_eq!(parse_size("1 furlong"), None);

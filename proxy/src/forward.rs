@@ -203,7 +203,13 @@ impl BodyClock {
     }
 
     fn deadline(&self, timeout: Duration) -> tokio::time::Instant {
-        self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + timeout
+        // Configured durations are at most a year, so this cannot overflow;
+        // checked all the same, as nothing on the request path may panic.
+        let after =
+            Duration::from_millis(self.last.load(Ordering::Relaxed)).saturating_add(timeout);
+        self.start
+            .checked_add(after)
+            .unwrap_or_else(|| self.start + crate::config::MAX_DURATION)
     }
 
     /// Resolves when the body has been still for `timeout`, with whose
