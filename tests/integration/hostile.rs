@@ -126,6 +126,13 @@ fn goaway_code(seen: &[u8]) -> Option<u32> {
     goaway
 }
 
+/// A prior-knowledge HTTP/2 client's opening: the preface and an empty SETTINGS.
+fn h2_preface() -> Vec<u8> {
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    out
+}
+
 /// A GET for `path` as an HPACK block, without Huffman coding or indexing.
 fn get_headers(host: &str, path: &str) -> Vec<u8> {
     // :method GET, :scheme http (static table entries 2 and 6).
@@ -146,8 +153,7 @@ async fn an_http2_rapid_reset_burst_is_cut_off_and_does_not_starve_others() {
     let host = h.host();
 
     // The attacker: prior-knowledge HTTP/2, then HEADERS + RST_STREAM pairs.
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(frame(0x4, 0, 0, &[]));
+    let mut out = h2_preface();
     let block = get_headers(&host, "/public/x");
     for i in 0..BURST {
         let stream = 2 * i + 1;
@@ -271,8 +277,7 @@ async fn an_http2_continuation_flood_is_cut_off_and_forwards_nothing() {
     let mut h = Harness::plaintext().await;
     let host = h.host();
 
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(frame(0x4, 0, 0, &[]));
+    let mut out = h2_preface();
     // HEADERS on stream 1 with END_STREAM (0x1) but not END_HEADERS (0x4).
     out.extend(frame(0x1, 0x1, 1, &get_headers(&host, "/public/x")));
     // Each CONTINUATION holds one literal header, never indexed:
