@@ -3,7 +3,8 @@
 //! Kept-alive connections over TCP or a Unix socket (`pool` for HTTP/1.1,
 //! hyper-util's client for HTTP/2); bodies stream both ways.
 //! The upstream receives the normalized path. A refused connection is 502, a
-//! timeout 504.
+//! timeout 504; a response body that stops arriving for the request timeout
+//! is cut short.
 
 use std::future::Future;
 use std::io;
@@ -258,6 +259,98 @@ impl http_body::Body for Clocked {
             Poll::Ready(Some(Err(_))) | Poll::Pending => {}
         }
         polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The upstream stopped sending a response body it had begun.
+#[derive(Debug)]
+struct ResponseStalled;
+
+impl std::fmt::Display for ResponseStalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("upstream response body stalled")
+    }
+}
+
+impl std::error::Error for ResponseStalled {}
+
+/// An upstream response body that must keep moving, as nginx's
+/// `proxy_read_timeout` has it: once the upstream has sent nothing for the
+/// request timeout, the body ends in an error, so hyper closes the client's
+/// HTTP/1.1 connection or resets its HTTP/2 stream. The client learns the
+/// response is cut short, and the stalled upstream connection is dropped
+/// rather than pooled. A timer is armed only when a poll finds nothing to
+/// read: a body that is ready when asked for (most are) reads no clock.
+struct Watchdog<B> {
+    inner: B,
+    timeout: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the timer was last set.
+    moved: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl<B> Watchdog<B> {
+    fn new(inner: B, timeout: Duration, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner,
+            timeout,
+            timer: None,
+            moved: false,
+            metrics,
+        }
+    }
+}
+
+impl<B> http_body::Body for Watchdog<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = bytes::Bytes;
+    type Error = crate::body::BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.moved = true;
+            return Poll::Ready(frame.map(|f| f.map_err(crate::body::BodyError::new)));
+        }
+        // Nothing to read: the upstream has until `timeout` from now, or
+        // from when it last went quiet if nothing has come since.
+        let timeout = this.timeout;
+        let moved = std::mem::take(&mut this.moved);
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if moved {
+            let now = tokio::time::Instant::now();
+            let deadline = now
+                .checked_add(timeout)
+                .unwrap_or_else(|| now + crate::config::MAX_DURATION);
+            timer.as_mut().reset(deadline);
+        }
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        this.timer = None;
+        this.metrics
+            .upstream_errors
+            .get_or_create(&KindLabels { kind: "timeout" })
+            .inc();
+        tracing::warn!(after = ?timeout, "upstream response body stalled; response cut short");
+        Poll::Ready(Some(Err(crate::body::BodyError::new(ResponseStalled))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -540,9 +633,10 @@ impl Service<Request<Body>> for Forward {
             let (mut parts, body) = rsp.into_parts();
             parts.version = downstream;
             crate::identity::remove_hop_by_hop(&mut parts.headers);
+            use http_body_util::BodyExt as _;
             let body = match lease {
-                Some(lease) => body::boxed(lease.body(body)),
-                None => body::boxed(body),
+                Some(lease) => Watchdog::new(lease.body(body), timeout, metrics).boxed_unsync(),
+                None => Watchdog::new(body, timeout, metrics).boxed_unsync(),
             };
             Ok(Response::from_parts(parts, body))
         })
@@ -655,6 +749,42 @@ mod tests {
         let req = post("/large", body::full(vec![b'x'; 64 << 20]));
         let sent = Forward::send(&upstream, req, Duration::from_millis(300)).await;
         assert!(matches!(sent, Err(Failure::Timeout)));
+    }
+
+    /// A response body that keeps moving outlasts the request timeout; one
+    /// that stops is cut off with an error and counted as an upstream
+    /// timeout.
+    #[tokio::test]
+    async fn a_response_body_that_stops_arriving_is_cut_short() {
+        use http_body_util::BodyExt as _;
+        let metrics = Arc::new(Metrics::register(
+            &mut prometheus_client::registry::Registry::default(),
+        ));
+        let timeout = Duration::from_millis(300);
+        let timeouts = |m: &Metrics| {
+            m.upstream_errors
+                .get_or_create(&KindLabels { kind: "timeout" })
+                .get()
+        };
+        // Eight chunks 100 ms apart: 800 ms in all, each gap well inside 300 ms.
+        let moving = Watchdog::new(
+            trickle(8, Duration::from_millis(100), false),
+            timeout,
+            metrics.clone(),
+        );
+        let read = moving.collect().await.expect("a moving body was cut off");
+        assert_eq!(read.to_bytes().len(), 8 * 5);
+        assert_eq!(timeouts(&metrics), 0);
+        // Two chunks, then nothing.
+        let started = tokio::time::Instant::now();
+        let stalled = Watchdog::new(trickle(2, Duration::ZERO, true), timeout, metrics.clone());
+        let read = tokio::time::timeout(Duration::from_secs(10), stalled.collect())
+            .await
+            .expect("a stalled body was never cut off");
+        let e = read.expect_err("a stalled body ended cleanly");
+        assert_eq!(e.to_string(), "upstream response body stalled");
+        assert!(started.elapsed() >= timeout);
+        assert_eq!(timeouts(&metrics), 1);
     }
 
     #[test]

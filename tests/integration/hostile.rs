@@ -534,3 +534,92 @@ async fn a_body_that_stops_arriving_is_a_request_timeout() {
         .await;
     assert_eq!(timeouts, Some(0));
 }
+
+/// An upstream that answers each request with a response head and the
+/// first piece of its body (`reply`), then sends nothing more and keeps the
+/// connection open.
+async fn stalling_upstream(reply: &'static str) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(reply.as_bytes()).await;
+                // Held open, silent, until warden lets go.
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that stops in the middle of its response body does not hold
+/// the client forever: after the request timeout the response is cut short
+/// (HTTP/1.1: the connection closes before the body's end; HTTP/2: the
+/// stream is reset), and the stall is counted as an upstream timeout.
+#[tokio::test]
+async fn a_response_body_the_upstream_stops_sending_is_cut_short() {
+    let framings = [
+        (
+            "content-length",
+            "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello",
+        ),
+        (
+            "chunked",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        ),
+    ];
+    for (case, reply) in framings {
+        let h = Harness::with(Options {
+            tls: false,
+            upstream: Some(stalling_upstream(reply).await),
+            request_timeout: "300ms",
+            ..Options::default()
+        })
+        .await;
+        let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let get = format!("GET /public/stall HTTP/1.1\r\nHost: {}\r\n\r\n", h.host());
+        s.write_all(get.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("{case}: the client was held past the request timeout"));
+        let answer = String::from_utf8_lossy(&answer);
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 "), "{case}: {answer}");
+        // The first piece arrived; the body's end never did.
+        assert!(body.contains("hello"), "{case}: {answer}");
+        if case == "chunked" {
+            assert!(!body.ends_with("0\r\n\r\n"), "{case}: {answer}");
+        } else {
+            assert_eq!(body, "hello", "{case}: {answer}");
+        }
+        let Conn::Http2(mut tx) = Conn::open(h.addr, None, true).await.unwrap() else {
+            unreachable!("an HTTP/2 connection")
+        };
+        let req = http::Request::get(format!("http://{}/public/stall", h.host()))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let rsp = tx.send_request(req).await.unwrap();
+        assert_eq!(rsp.status(), 200, "{case}");
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            http_body_util::BodyExt::collect(rsp.into_body()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{case}: the HTTP/2 stream was held past the request timeout"));
+        assert!(read.is_err(), "{case}: a cut-short stream ended cleanly");
+        let timeouts = h
+            .series(r#"warden_upstream_errors_total{kind="timeout"}"#)
+            .await;
+        assert_eq!(timeouts, Some(2), "{case}");
+    }
+}
