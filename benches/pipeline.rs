@@ -95,6 +95,7 @@ fn pipeline(c: &mut Criterion) {
         upstream: cfg.upstream.clone(),
         routes: Vec::new(),
         max_requests: cfg.runtime.max_requests,
+        idle_timeout: cfg.runtime.idle_timeout,
     };
     let svc = pipeline::build(&shared);
     let conn = Arc::new(ConnInfo::new(

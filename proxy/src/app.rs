@@ -179,6 +179,7 @@ impl App {
             upstream: cfg.upstream.clone(),
             routes: cfg.route.clone(),
             max_requests: cfg.runtime.max_requests,
+            idle_timeout: cfg.runtime.idle_timeout,
         };
         spawn_refreshers(&shared.authn.load(), &shared.metrics)?;
         {

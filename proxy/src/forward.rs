@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -28,6 +28,7 @@ use crate::config::{UpstreamAddr, UpstreamConfig};
 use crate::error::ProxyError;
 use crate::metrics::{KindLabels, Metrics};
 use crate::pool::{Lease, Pool, SendError};
+use crate::stillness::LastMoved;
 
 /// A connection to the upstream.
 pub enum Stream {
@@ -179,9 +180,7 @@ enum Failure {
 /// large upload that keeps moving is not cut off, and a client that stops
 /// sending is told so (408) instead of the upstream being blamed (504).
 struct BodyClock {
-    start: tokio::time::Instant,
-    /// Milliseconds from `start` to the last frame (or the end).
-    last: AtomicU64,
+    moved: LastMoved,
     done: AtomicBool,
     /// The last poll found no frame ready: the client is the one waited on,
     /// not the upstream (which may simply not be reading the body).
@@ -191,42 +190,22 @@ struct BodyClock {
 impl BodyClock {
     fn new() -> Self {
         Self {
-            start: tokio::time::Instant::now(),
-            last: AtomicU64::new(0),
+            moved: LastMoved::new(),
             done: AtomicBool::new(false),
             waiting_on_client: AtomicBool::new(false),
         }
     }
 
-    fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Ordering::Relaxed);
-    }
-
-    fn deadline(&self, timeout: Duration) -> tokio::time::Instant {
-        // Configured durations are at most a year, so this cannot overflow;
-        // checked all the same, as nothing on the request path may panic.
-        let after =
-            Duration::from_millis(self.last.load(Ordering::Relaxed)).saturating_add(timeout);
-        self.start
-            .checked_add(after)
-            .unwrap_or_else(|| self.start + crate::config::MAX_DURATION)
-    }
-
     /// Resolves when the body has been still for `timeout`, with whose
     /// fault that is.
     async fn expiry(&self, timeout: Duration) -> Failure {
-        loop {
-            tokio::time::sleep_until(self.deadline(timeout)).await;
-            if self.deadline(timeout) <= tokio::time::Instant::now() {
-                let client = !self.done.load(Ordering::Acquire)
-                    && self.waiting_on_client.load(Ordering::Acquire);
-                return if client {
-                    Failure::ClientBodyTimeout
-                } else {
-                    Failure::Timeout
-                };
-            }
+        self.moved.until_still_for(timeout).await;
+        let client =
+            !self.done.load(Ordering::Acquire) && self.waiting_on_client.load(Ordering::Acquire);
+        if client {
+            Failure::ClientBodyTimeout
+        } else {
+            Failure::Timeout
         }
     }
 }
@@ -251,9 +230,9 @@ impl http_body::Body for Clocked {
             .waiting_on_client
             .store(polled.is_pending(), Ordering::Release);
         match &polled {
-            Poll::Ready(Some(Ok(_))) => clock.touch(),
+            Poll::Ready(Some(Ok(_))) => clock.moved.touch(),
             Poll::Ready(None) => {
-                clock.touch();
+                clock.moved.touch();
                 clock.done.store(true, Ordering::Release);
             }
             Poll::Ready(Some(Err(_))) | Poll::Pending => {}
@@ -362,6 +341,70 @@ where
     }
 }
 
+/// Copies bytes both ways between an upgraded client connection and its
+/// upstream until either side closes, or neither has sent a byte for `idle`
+/// (then both are closed, as an idle connection is).
+async fn splice(
+    client: hyper::upgrade::Upgraded,
+    upstream: hyper::upgrade::Upgraded,
+    idle: Duration,
+) {
+    let moved = LastMoved::new();
+    let mut client = Moving {
+        io: TokioIo::new(client),
+        moved: &moved,
+    };
+    let mut upstream = Moving {
+        io: TokioIo::new(upstream),
+        moved: &moved,
+    };
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+        () = moved.until_still_for(idle) => {
+            tracing::debug!(after = ?idle, "upgraded connection idle; closed");
+        }
+    }
+}
+
+/// A connection that marks `moved` whenever bytes arrive on it.
+struct Moving<'a, IO> {
+    io: IO,
+    moved: &'a LastMoved,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Moving<'_, IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.moved.touch();
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Moving<'_, IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// Whether `e`, or an error it was caused by, is a body error. The only
 /// body warden hands its upstream clients is the client's request body.
 fn is_client_body_error(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -382,6 +425,8 @@ pub struct Forward {
     upstreams: Arc<Vec<Upstream>>,
     version: Version,
     request_timeout: Duration,
+    /// How long a spliced (upgraded) connection may carry nothing either way.
+    idle_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -389,6 +434,7 @@ impl Forward {
     pub fn new(
         cfg: &UpstreamConfig,
         routes: &[crate::config::RouteConfig],
+        idle_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
         let h2 = cfg.protocol == crate::config::UpstreamProtocol::H2;
@@ -404,6 +450,7 @@ impl Forward {
                 Version::HTTP_11
             },
             request_timeout: cfg.request_timeout,
+            idle_timeout,
             metrics,
         }
     }
@@ -527,6 +574,7 @@ impl Service<Request<Body>> for Forward {
         let upstreams = self.upstreams.clone();
         let version = self.version;
         let timeout = self.request_timeout;
+        let idle_timeout = self.idle_timeout;
         let metrics = self.metrics.clone();
         // The client's protocol, not the upstream's, frames the answer (an
         // HTTP/1.0 upstream must not turn a kept-alive HTTP/1.1 client into
@@ -618,11 +666,7 @@ impl Service<Request<Body>> for Forward {
                 let upstream_upgrade = hyper::upgrade::on(&mut rsp);
                 tokio::spawn(async move {
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                        Ok((client, upstream)) => {
-                            let mut client = TokioIo::new(client);
-                            let mut upstream = TokioIo::new(upstream);
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                        }
+                        Ok((client, upstream)) => splice(client, upstream, idle_timeout).await,
                         Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
                     }
                 });

@@ -29,6 +29,7 @@ pub mod pool;
 pub mod reload;
 pub mod route;
 pub mod shed;
+pub mod stillness;
 pub mod strip;
 pub mod tools;
 pub mod trace;

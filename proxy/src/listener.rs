@@ -20,6 +20,7 @@ use tower::{Service, ServiceExt};
 use crate::authn::mtls;
 use crate::body::{self, Body};
 use crate::metrics::{HandshakeLabels, Metrics};
+use crate::stillness::LastMoved;
 use crate::trace::{ConnInfo, PeerCert, TlsInfo};
 
 /// Connection-level settings.
@@ -193,7 +194,7 @@ async fn serve_conn<IO, S>(
     tokio::pin!(served);
     let mut closing = false;
     loop {
-        let idle_at = activity.idle_deadline(settings.idle_timeout);
+        let idle_at = activity.moved.deadline(settings.idle_timeout);
         tokio::select! {
             _ = served.as_mut() => return,
             changed = draining.changed(), if !closing => {
@@ -217,28 +218,12 @@ async fn serve_conn<IO, S>(
 #[derive(Default)]
 struct Activity {
     in_flight: std::sync::atomic::AtomicUsize,
-    /// Milliseconds since `epoch`.
-    last: std::sync::atomic::AtomicU64,
-    epoch: std::sync::OnceLock<tokio::time::Instant>,
+    moved: LastMoved,
 }
 
 impl Activity {
-    fn epoch(&self) -> tokio::time::Instant {
-        *self.epoch.get_or_init(tokio::time::Instant::now)
-    }
-
-    fn touch(&self) {
-        let ms = u64::try_from(self.epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Ordering::Relaxed);
-    }
-
-    fn idle_deadline(&self, idle: Duration) -> tokio::time::Instant {
-        self.epoch() + Duration::from_millis(self.last.load(Ordering::Relaxed)) + idle
-    }
-
     fn is_idle(&self, idle: Duration) -> bool {
-        self.in_flight.load(Ordering::Acquire) == 0
-            && tokio::time::Instant::now() >= self.idle_deadline(idle)
+        self.in_flight.load(Ordering::Acquire) == 0 && self.moved.still_for(idle)
     }
 }
 
@@ -248,14 +233,14 @@ struct InFlight(Arc<Activity>);
 impl InFlight {
     fn new(activity: Arc<Activity>) -> Self {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
-        activity.touch();
+        activity.moved.touch();
         Self(activity)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.touch();
+        self.0.moved.touch();
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -36,6 +36,9 @@ pub struct Shared {
     pub routes: Vec<crate::config::RouteConfig>,
     /// Requests in the pipeline at once, at most.
     pub max_requests: usize,
+    /// `runtime.idle_timeout`: also how long an upgraded (WebSocket)
+    /// connection may carry nothing either way.
+    pub idle_timeout: std::time::Duration,
 }
 
 /// Builds the request stack, in request order.
@@ -76,6 +79,7 @@ pub fn build(
         .service(Forward::new(
             &shared.upstream,
             &shared.routes,
+            shared.idle_timeout,
             shared.metrics.clone(),
         ))
 }

@@ -55,6 +55,27 @@ async fn echo_ws_upstream() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<St
     (addr, seen_rx)
 }
 
+/// A WebSocket upgrade request for `path`.
+fn handshake(h: &Harness, path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        h.host()
+    )
+}
+
+/// Reads a response head, byte by byte so nothing after it is consumed.
+async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
 #[tokio::test]
 async fn websocket_upgrades_are_authorized_then_spliced() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -65,25 +86,12 @@ async fn websocket_upgrades_are_authorized_then_spliced() {
         ..Options::default()
     })
     .await;
-    let handshake = |path: &str| {
-        format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-            h.host()
-        )
-    };
     // Allowed (public-read): 101, then bytes flow both ways through warden.
     let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    s.write_all(handshake("/public/chat").as_bytes())
+    s.write_all(handshake(&h, "/public/chat").as_bytes())
         .await
         .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
+    let head = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(seen.recv().await.unwrap(), "/public/chat");
     s.write_all(b"ping through warden").await.unwrap();
@@ -93,11 +101,49 @@ async fn websocket_upgrades_are_authorized_then_spliced() {
 
     // Denied: 403 on the upgrade request, and the upstream never sees it.
     let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    s.write_all(handshake("/api/orders/chat").as_bytes())
+    s.write_all(handshake(&h, "/api/orders/chat").as_bytes())
         .await
         .unwrap();
     let mut buf = [0u8; 12];
     s.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"HTTP/1.1 403");
     assert!(seen.try_recv().is_err());
+}
+
+/// A spliced connection lives as long as bytes keep crossing it; one that
+/// carries nothing either way for `runtime.idle_timeout` is closed.
+#[tokio::test]
+async fn a_spliced_connection_is_closed_once_idle() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (upstream, _seen) = echo_ws_upstream().await;
+    let h = Harness::with(Options {
+        tls: false,
+        upstream: Some(upstream),
+        extra_toml: "[runtime]\nidle_timeout = \"1s\"\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    s.write_all(handshake(&h, "/public/chat").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut byte = [0u8; 1];
+    // Ten messages 300 ms apart: 3 s of use, no gap near the idle timeout.
+    for i in 0..10u8 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(&[b'a' + i]).await.unwrap();
+        s.read_exact(&mut byte)
+            .await
+            .expect("a connection in use was closed");
+        assert_eq!(byte[0], b'a' + i);
+    }
+    let quiet = tokio::time::Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
+        .await
+        .expect("an idle spliced connection was never closed");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(quiet.elapsed() >= Duration::from_millis(900));
 }
