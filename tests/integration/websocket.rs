@@ -55,25 +55,25 @@ async fn echo_ws_upstream() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<St
     (addr, seen_rx)
 }
 
-/// A WebSocket upgrade request for `path`.
-fn handshake(h: &Harness, path: &str) -> String {
-    format!(
+/// Sends a WebSocket upgrade request for `path` on a new connection: the
+/// connection and the response head, read byte by byte so nothing after it
+/// is consumed.
+async fn upgrade(h: &Harness, path: &str) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
         h.host()
-    )
-}
-
-/// Reads a response head, byte by byte so nothing after it is consumed.
-async fn read_head(s: &mut tokio::net::TcpStream) -> String {
-    use tokio::io::AsyncReadExt;
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         s.read_exact(&mut byte).await.unwrap();
         head.push(byte[0]);
     }
-    String::from_utf8_lossy(&head).into_owned()
+    (s, String::from_utf8_lossy(&head).into_owned())
 }
 
 #[tokio::test]
@@ -87,11 +87,7 @@ async fn websocket_upgrades_are_authorized_then_spliced() {
     })
     .await;
     // Allowed (public-read): 101, then bytes flow both ways through warden.
-    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    s.write_all(handshake(&h, "/public/chat").as_bytes())
-        .await
-        .unwrap();
-    let head = read_head(&mut s).await;
+    let (mut s, head) = upgrade(&h, "/public/chat").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(seen.recv().await.unwrap(), "/public/chat");
     s.write_all(b"ping through warden").await.unwrap();
@@ -100,13 +96,8 @@ async fn websocket_upgrades_are_authorized_then_spliced() {
     assert_eq!(&echoed, b"ping through warden");
 
     // Denied: 403 on the upgrade request, and the upstream never sees it.
-    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    s.write_all(handshake(&h, "/api/orders/chat").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = [0u8; 12];
-    s.read_exact(&mut buf).await.unwrap();
-    assert_eq!(&buf, b"HTTP/1.1 403");
+    let (_, head) = upgrade(&h, "/api/orders/chat").await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     assert!(seen.try_recv().is_err());
 }
 
@@ -124,11 +115,7 @@ async fn a_spliced_connection_is_closed_once_idle() {
         ..Options::default()
     })
     .await;
-    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    s.write_all(handshake(&h, "/public/chat").as_bytes())
-        .await
-        .unwrap();
-    let head = read_head(&mut s).await;
+    let (mut s, head) = upgrade(&h, "/public/chat").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let mut byte = [0u8; 1];
     // Ten messages 300 ms apart: 3 s of use, no gap near the idle timeout.
