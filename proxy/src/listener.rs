@@ -194,7 +194,7 @@ async fn serve_conn<IO, S>(
     tokio::pin!(served);
     let mut closing = false;
     loop {
-        let idle_at = activity.moved.deadline(settings.idle_timeout);
+        let idle_at = activity.next_check(settings.idle_timeout);
         tokio::select! {
             _ = served.as_mut() => return,
             changed = draining.changed(), if !closing => {
@@ -224,6 +224,20 @@ struct Activity {
 impl Activity {
     fn is_idle(&self, idle: Duration) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0 && self.moved.still_for(idle)
+    }
+
+    /// When to look again whether the connection is idle: `idle` after the
+    /// last request started or ended. A request still in flight by then (a
+    /// long upload) puts the next look one `idle` further, never at a
+    /// deadline already past, which would have the connection's task spin.
+    fn next_check(&self, idle: Duration) -> tokio::time::Instant {
+        let at = self.moved.deadline(idle);
+        let now = tokio::time::Instant::now();
+        if at <= now && self.in_flight.load(Ordering::Acquire) > 0 {
+            now.checked_add(idle).unwrap_or(at)
+        } else {
+            at
+        }
     }
 }
 
@@ -309,4 +323,29 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
         socket.listen(BACKLOG)
     };
     bind().map_err(|e| format!("bind {addr}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request in flight past the idle timeout (a long upload) must not
+    /// leave the connection's idle check at a deadline already past: the
+    /// loop in `serve_conn` would wake at once, again and again.
+    #[tokio::test]
+    async fn the_idle_check_never_falls_due_while_a_request_is_in_flight() {
+        let activity = Arc::new(Activity::default());
+        let idle = Duration::from_millis(20);
+        let request = InFlight::new(activity.clone());
+        tokio::time::sleep(idle * 3).await;
+        assert!(!activity.is_idle(idle), "a request is in flight");
+        assert!(activity.next_check(idle) > tokio::time::Instant::now());
+        // Once it ends, the connection is idle `idle` after its end.
+        drop(request);
+        let ended = tokio::time::Instant::now();
+        let at = activity.next_check(idle);
+        assert!(at > ended && at <= ended + idle, "{:?}", at - ended);
+        tokio::time::sleep_until(at).await;
+        assert!(activity.is_idle(idle));
+    }
 }
