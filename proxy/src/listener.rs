@@ -4,8 +4,10 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -13,6 +15,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::{Service, ServiceExt};
@@ -187,14 +190,23 @@ async fn serve_conn<IO, S>(
     S::Future: Send + 'static,
 {
     let activity = Arc::new(Activity::default());
+    let io = Sending {
+        io,
+        activity: activity.clone(),
+    };
     let served = builder.serve_connection_with_upgrades(
         TokioIo::new(io),
         hyper_service(service, conn, activity.clone()),
     );
     tokio::pin!(served);
+    let idle = settings.idle_timeout;
     let mut closing = false;
     loop {
-        let idle_at = activity.next_check(settings.idle_timeout);
+        let check_at = if closing {
+            activity.next_stall_check(idle)
+        } else {
+            activity.next_check(idle)
+        };
         tokio::select! {
             _ = served.as_mut() => return,
             changed = draining.changed(), if !closing => {
@@ -203,8 +215,14 @@ async fn serve_conn<IO, S>(
                     closing = true;
                 }
             }
-            () = tokio::time::sleep_until(idle_at), if !closing => {
-                if activity.is_idle(settings.idle_timeout) {
+            () = tokio::time::sleep_until(check_at) => {
+                if activity.stalled(idle) {
+                    // Dropping the connection drops its responses, and
+                    // with them their upstream connections.
+                    tracing::debug!(after = ?idle, "client stopped reading; connection closed");
+                    return;
+                }
+                if !closing && activity.is_idle(idle) {
                     served.as_mut().graceful_shutdown();
                     closing = true;
                 }
@@ -214,16 +232,55 @@ async fn serve_conn<IO, S>(
 }
 
 /// Requests in flight on one connection, and when the last one started or
-/// finished.
+/// finished; whether writes to the client are waiting on it, and since when.
 #[derive(Default)]
 struct Activity {
     in_flight: std::sync::atomic::AtomicUsize,
     moved: LastMoved,
+    blocked: std::sync::atomic::AtomicBool,
+    blocked_since: LastMoved,
 }
 
 impl Activity {
     fn is_idle(&self, idle: Duration) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0 && self.moved.still_for(idle)
+    }
+
+    /// Notes how a write to the client went: waiting on it (from the first
+    /// such write on), or taken.
+    fn wrote<T>(&self, polled: &Poll<std::io::Result<T>>) {
+        match polled {
+            Poll::Pending => {
+                if !self.blocked.swap(true, Ordering::AcqRel) {
+                    self.blocked_since.touch();
+                }
+            }
+            Poll::Ready(Ok(_)) => {
+                if self.blocked.load(Ordering::Relaxed) {
+                    self.blocked.store(false, Ordering::Release);
+                }
+            }
+            Poll::Ready(Err(_)) => {}
+        }
+    }
+
+    /// Whether the client has taken nothing written to it for `idle`: a
+    /// response it stopped reading (the socket's buffers full) would hold
+    /// the connection, and the upstream connection behind it, forever.
+    fn stalled(&self, idle: Duration) -> bool {
+        self.blocked.load(Ordering::Acquire) && self.blocked_since.still_for(idle)
+    }
+
+    /// When to look again whether the client has stalled, once idleness no
+    /// longer matters (the connection is closing).
+    fn next_stall_check(&self, idle: Duration) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let later = now.checked_add(idle).unwrap_or(now);
+        if self.blocked.load(Ordering::Acquire) {
+            self.blocked_since.deadline(idle).max(now).min(later)
+        } else {
+            later
+        }
     }
 
     /// When to look again whether the connection is idle: `idle` after the
@@ -238,6 +295,58 @@ impl Activity {
         } else {
             at
         }
+    }
+}
+
+/// The client's connection, telling its [`Activity`] how each write went.
+struct Sending<IO> {
+    io: IO,
+    activity: Arc<Activity>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Sending<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Sending<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.activity.wrote(&polled);
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.activity.wrote(&polled);
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.activity.wrote(&polled);
+        polled
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -1,7 +1,9 @@
 //! Hostile clients: a slowloris trickling its request head, an HTTP/2
 //! rapid-reset burst (CVE-2023-44487) and an HTTP/2 CONTINUATION flood
-//! (CVE-2024-27316 and kin), each beside a well-behaved client, and HTTP/1.1
-//! framing built to smuggle a second request past the proxy.
+//! (CVE-2024-27316 and kin), each beside a well-behaved client; HTTP/1.1
+//! framing built to smuggle a second request past the proxy; bodies that
+//! stop arriving, an upstream that stops mid-response, and a client that
+//! stops reading its response.
 
 use std::time::Duration;
 
@@ -535,6 +537,20 @@ async fn a_body_that_stops_arriving_is_a_request_timeout() {
     assert_eq!(timeouts, Some(0));
 }
 
+/// Reads a request head (an upstream's view); `None` if the connection ends
+/// first.
+async fn read_head(s: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
 /// An upstream that answers each request with a response head and the
 /// first piece of its body (`reply`), then sends nothing more and keeps the
 /// connection open.
@@ -544,17 +560,12 @@ async fn stalling_upstream(reply: &'static str) -> std::net::SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if read_head(&mut s).await.is_none() {
+                    return;
                 }
                 let _ = s.write_all(reply.as_bytes()).await;
                 // Held open, silent, until warden lets go.
-                let _ = s.read(&mut buf).await;
+                let _ = s.read(&mut [0u8; 1]).await;
             });
         }
     });
@@ -622,4 +633,103 @@ async fn a_response_body_the_upstream_stops_sending_is_cut_short() {
             .await;
         assert_eq!(timeouts, Some(2), "{case}");
     }
+}
+
+/// An upstream answering `GET /public/bulk/{len}` with a `len`-byte body,
+/// written as fast as it is taken; it reports each connection that stops
+/// taking it (closed by warden) before the end.
+async fn bulk_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (cut, cuts) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let cut = cut.clone();
+            tokio::spawn(async move {
+                let Some(head) = read_head(&mut s).await else {
+                    return;
+                };
+                let len: usize = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|path| path.rsplit('/').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap();
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+                let chunk = vec![b'x'; 64 << 10];
+                let mut sent = 0;
+                let mut ok = s.write_all(head.as_bytes()).await.is_ok();
+                while ok && sent < len {
+                    let n = chunk.len().min(len - sent);
+                    ok = s.write_all(&chunk[..n]).await.is_ok();
+                    sent += n;
+                }
+                if !ok {
+                    let _ = cut.send(());
+                }
+            });
+        }
+    });
+    (addr, cuts)
+}
+
+/// A client that stops reading its response (a slow-read attack) is
+/// disconnected once nothing written to it has been taken for
+/// `runtime.idle_timeout`, and the upstream connection serving it goes
+/// too. A client that reads slowly but steadily gets everything.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected() {
+    let (upstream, mut cuts) = bulk_upstream().await;
+    let h = Harness::with(Options {
+        tls: false,
+        upstream: Some(upstream),
+        extra_toml: "[runtime]\nidle_timeout = \"1s\"\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let get = |len: usize| {
+        format!(
+            "GET /public/bulk/{len} HTTP/1.1\r\nHost: {}\r\n\r\n",
+            h.host()
+        )
+    };
+    // Steady: 256 KiB every 100 ms, about 1.6 s for 4 MiB, no pause near 1 s.
+    const LEN: usize = 4 << 20;
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    s.write_all(get(LEN).as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the steady reader was left waiting")
+            .unwrap();
+        assert!(
+            n > 0,
+            "the steady reader was cut off after {} bytes",
+            got.len()
+        );
+        got.extend_from_slice(&buf[..n]);
+        let head = got.windows(4).position(|w| w == b"\r\n\r\n");
+        if head.is_some_and(|at| got.len() - at - 4 == LEN) {
+            break;
+        }
+    }
+    assert!(
+        cuts.try_recv().is_err(),
+        "the steady reader's upstream was cut"
+    );
+    // Stopped: the request, then nothing read at all, for far more than
+    // the socket buffers on the way hold.
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    s.write_all(get(1 << 30).as_bytes()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(15), cuts.recv())
+        .await
+        .expect("a client that stopped reading held its upstream connection")
+        .unwrap();
+    drop(s);
 }
