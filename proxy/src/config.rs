@@ -139,9 +139,9 @@ pub enum ClientAuth {
 pub struct UpstreamConfig {
     #[serde(default = "default_upstream")]
     pub address: UpstreamAddr,
-    #[serde(default = "secs::<1>", deserialize_with = "duration")]
+    #[serde(default = "secs::<1>", deserialize_with = "timeout")]
     pub connect_timeout: Duration,
-    #[serde(default = "secs::<30>", deserialize_with = "duration")]
+    #[serde(default = "secs::<30>", deserialize_with = "timeout")]
     pub request_timeout: Duration,
     /// `http1`, or `h2` (prior knowledge) for gRPC services: trailers pass through.
     #[serde(default)]
@@ -538,7 +538,7 @@ pub struct RuntimeConfig {
     pub workers: Option<usize>,
     #[serde(default = "secs::<15>", deserialize_with = "duration")]
     pub drain_timeout: Duration,
-    #[serde(default = "secs::<10>", deserialize_with = "duration")]
+    #[serde(default = "secs::<10>", deserialize_with = "timeout")]
     pub header_read_timeout: Duration,
     /// Largest request head (request line and headers); beyond it 431.
     #[serde(default = "default_max_header_bytes", deserialize_with = "size")]
@@ -553,7 +553,7 @@ pub struct RuntimeConfig {
     #[serde(default = "default_max_requests")]
     pub max_requests: usize,
     /// A connection with no request in flight for this long is closed.
-    #[serde(default = "secs::<60>", deserialize_with = "duration")]
+    #[serde(default = "secs::<60>", deserialize_with = "timeout")]
     pub idle_timeout: Duration,
 }
 
@@ -600,6 +600,18 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
              of at most 365 days"
         ))
     })
+}
+
+/// A timeout: a duration of more than zero. A zero timeout would fail every
+/// request, or close every connection before its first request.
+fn timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let t = duration(d)?;
+    if t.is_zero() {
+        return Err(de::Error::custom(
+            "a timeout of 0 would fail every request: give more than 0, like `5s`",
+        ));
+    }
+    Ok(t)
 }
 
 /// The longest duration any setting takes: deadlines are computed by adding
@@ -949,6 +961,20 @@ mod tests {
         assert_eq!(parse_duration("18446744073709551615s"), None);
         let err = parse("[upstream]\nrequest_timeout = \"9999999999h\"\n").unwrap_err();
         assert!(err.0.contains("at most 365 days"), "{err}");
+        for key in [
+            "upstream]\nconnect_timeout",
+            "upstream]\nrequest_timeout",
+            "runtime]\nheader_read_timeout",
+            "runtime]\nidle_timeout",
+        ] {
+            for zero in ["0s", "0ms", "0h"] {
+                let err = parse(&format!("[{key} = \"{zero}\"\n")).unwrap_err();
+                assert!(err.0.contains("a timeout of 0"), "{key} = {zero}: {err}");
+            }
+            assert!(parse(&format!("[{key} = \"1ms\"\n")).is_ok(), "{key}");
+        }
+        // Elsewhere zero means something: no drain grace, no clock skew.
+        assert!(parse("[runtime]\ndrain_timeout = \"0s\"\n").is_ok());
         assert_eq!(parse_size("1MiB"), Some(1 << 20));
         assert_eq!(parse_size("10"), Some(10));
         assert_eq!(parse_size("1 furlong"), None);
