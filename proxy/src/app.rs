@@ -226,6 +226,14 @@ impl App {
             max_connections: self.cfg.runtime.max_connections,
             max_concurrent_streams: self.cfg.runtime.max_concurrent_streams,
             idle_timeout: self.cfg.runtime.idle_timeout,
+            // Longer than the waits that have their own bound (the
+            // upstream's answer, a still request body), so those answer
+            // first with their own status.
+            stream_idle_timeout: self
+                .cfg
+                .runtime
+                .idle_timeout
+                .max(self.cfg.upstream.request_timeout),
         };
         let cert_watcher = match (&self.tls, &self.cfg.listener.tls) {
             (Some(active), Some(tls)) => Some(tokio::spawn(crate::certs::watch(

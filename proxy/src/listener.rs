@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
+use http_body::Body as _;
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
@@ -23,7 +25,7 @@ use tower::{Service, ServiceExt};
 use crate::authn::mtls;
 use crate::body::{self, Body};
 use crate::metrics::{HandshakeLabels, Metrics};
-use crate::stillness::LastMoved;
+use crate::stillness::{CutWhenStill, LastMoved};
 use crate::trace::{ConnInfo, PeerCert, TlsInfo};
 
 /// Connection-level settings.
@@ -35,6 +37,37 @@ pub struct ConnSettings {
     pub max_connections: usize,
     pub max_concurrent_streams: u32,
     pub idle_timeout: Duration,
+    /// An HTTP/2 stream that nothing has woken for this long is reset (see
+    /// [`StreamExec`]).
+    pub stream_idle_timeout: Duration,
+}
+
+/// Spawns each HTTP/2 stream's task, and drops it once a whole
+/// `stream_idle_timeout` passes in which nothing woke it: h2 then resets
+/// the stream (`CANCEL`), and its response body, with the upstream
+/// connection reading it, goes too. The case this bounds is a client that
+/// reads its socket but gives a stream no flow-control window, which no
+/// connection-level guard sees: the socket never blocks. Every other wait
+/// in a stream has its own bound (the upstream's `request_timeout`, the
+/// request-body clock), which `app` keeps shorter than this one.
+#[derive(Clone, Copy)]
+struct StreamExec {
+    quiet: Duration,
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExec
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        let quiet = self.quiet;
+        tokio::spawn(async move {
+            if CutWhenStill::new(stream, quiet).await.is_none() {
+                tracing::debug!(after = ?quiet, "HTTP/2 stream made no progress; reset");
+            }
+        });
+    }
 }
 
 struct ActiveGuard(Arc<Metrics>);
@@ -64,7 +97,9 @@ pub async fn serve<S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(StreamExec {
+        quiet: settings.stream_idle_timeout,
+    });
     // hyper answers 431 itself when a request head outgrows the buffer. Its
     // header timer also runs while a kept-alive connection waits for its
     // next request, so it bounds HTTP/1.1 idleness as well.
@@ -175,7 +210,7 @@ fn handshake_done(metrics: &Metrics, result: &'static str, version: &'static str
 /// idle (no request in flight) for `idle_timeout`; the last two close it
 /// gracefully: in-flight requests finish, HTTP/2 gets GOAWAY.
 async fn serve_conn<IO, S>(
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &auto::Builder<StreamExec>,
     io: IO,
     service: S,
     conn: Arc<ConnInfo>,
@@ -408,10 +443,47 @@ where
         let call = service.clone().oneshot(req);
         async move {
             let rsp = call.await;
-            drop(in_flight);
-            rsp
+            // A response still streaming keeps its request in flight: the
+            // connection is not idle while a body is being sent.
+            Ok(match rsp {
+                Ok(rsp) if !rsp.body().is_end_stream() => rsp.map(|inner| {
+                    Counted {
+                        inner,
+                        _in_flight: in_flight,
+                    }
+                    .boxed_unsync()
+                }),
+                Ok(rsp) => rsp,
+                Err(never) => match never {},
+            })
         }
     })
+}
+
+/// A response body that counts its request in flight until it is dropped.
+struct Counted {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = body::BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Pending connections the kernel may queue for `accept` (capped by

@@ -2,8 +2,9 @@
 //! rapid-reset burst (CVE-2023-44487) and an HTTP/2 CONTINUATION flood
 //! (CVE-2024-27316 and kin), each beside a well-behaved client; HTTP/1.1
 //! framing built to smuggle a second request past the proxy; bodies that
-//! stop arriving, an upstream that stops mid-response, and a client that
-//! stops reading its response.
+//! stop arriving, an upstream that stops mid-response, a client that stops
+//! reading its response, and an HTTP/2 client that gives a stream no
+//! flow-control window.
 
 use std::time::Duration;
 
@@ -732,4 +733,95 @@ async fn a_client_that_stops_reading_is_disconnected() {
         .expect("a client that stopped reading held its upstream connection")
         .unwrap();
     drop(s);
+}
+
+/// An HTTP/2 client that keeps reading its socket but gives one stream no
+/// more flow-control window holds that stream, and the upstream connection
+/// behind it, only until the stream has been still for the longer of
+/// `runtime.idle_timeout` and `upstream.request_timeout`: then the stream
+/// is reset. The connection's other streams carry on, and a stream whose
+/// client reads slowly but steadily gets everything.
+#[tokio::test]
+async fn an_http2_stream_given_no_window_is_reset() {
+    use http_body_util::BodyExt;
+    let (upstream, mut cuts) = bulk_upstream().await;
+    let h = Harness::with(Options {
+        tls: false,
+        upstream: Some(upstream),
+        request_timeout: "1s",
+        extra_toml: "[runtime]\nidle_timeout = \"1s\"\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    // A 64 KiB window per stream: a stream not read stops the server
+    // after 64 KiB, while the connection's window leaves room for others.
+    let (mut tx, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(64 << 20)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let get = |path: String| {
+        http::Request::get(format!("http://{}{path}", h.host()))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    // Withheld: the response head, then nothing taken from the body.
+    let held = tx.send_request(get(format!("/public/bulk/{}", 1 << 30)));
+    let held = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("no response head")
+        .unwrap();
+    assert_eq!(held.status(), 200);
+    // Steady, on the same connection: 256 KiB every 100 ms, 3.2 s for 8 MiB.
+    const LEN: usize = 8 << 20;
+    let rsp = tx
+        .send_request(get(format!("/public/bulk/{LEN}")))
+        .await
+        .unwrap();
+    let mut body = rsp.into_body();
+    let (mut got, mut paced) = (0, 0);
+    while got < LEN {
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("the steady reader was left waiting")
+            .expect("the steady reader's stream ended early")
+            .expect("the steady reader's stream was reset");
+        got += frame.data_ref().map_or(0, Bytes::len);
+        if got - paced >= 256 << 10 {
+            paced = got;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // The withheld stream was cut meanwhile, its upstream connection with it.
+    tokio::time::timeout(Duration::from_secs(10), cuts.recv())
+        .await
+        .expect("a stream given no window held its upstream connection")
+        .unwrap();
+    assert!(
+        cuts.try_recv().is_err(),
+        "the steady reader's upstream was cut"
+    );
+    let mut held = held.into_body();
+    let reset = loop {
+        match tokio::time::timeout(Duration::from_secs(10), held.frame()).await {
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => break e,
+            Ok(None) => panic!("the withheld stream ended as if complete"),
+            Err(_) => panic!("the withheld stream was never reset"),
+        }
+    };
+    // hyper's error names the HTTP/2 reset and its code.
+    assert!(format!("{reset:?}").contains("CANCEL"), "{reset:?}");
+    // The connection itself is still good: streams that kept sending for
+    // longer than the idle timeout did not make it idle.
+    tx.ready().await.expect("the connection was closed");
+    let rsp = tx
+        .send_request(get("/public/bulk/10".into()))
+        .await
+        .unwrap();
+    assert_eq!(rsp.status(), 200);
 }
