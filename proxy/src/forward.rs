@@ -29,6 +29,7 @@ use crate::error::ProxyError;
 use crate::metrics::{KindLabels, Metrics};
 use crate::pool::{Lease, Pool, SendError};
 use crate::stillness::LastMoved;
+use crate::trace::ConnInfo;
 
 /// A connection to the upstream.
 pub enum Stream {
@@ -619,6 +620,9 @@ impl Service<Request<Body>> for Forward {
                 .get(header::UPGRADE)
                 .is_some()
                 .then(|| hyper::upgrade::on(&mut req));
+            let conn = client_upgrade
+                .as_ref()
+                .and_then(|_| req.extensions().get::<Arc<ConnInfo>>().cloned());
             let fail = |kind: &'static str| {
                 metrics
                     .upstream_errors
@@ -665,6 +669,9 @@ impl Service<Request<Body>> for Forward {
                 };
                 let upstream_upgrade = hyper::upgrade::on(&mut rsp);
                 tokio::spawn(async move {
+                    // Holding the connection's facts keeps the listener's
+                    // drain waiting for the splice, as for any request.
+                    let _conn = conn;
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
                         Ok((client, upstream)) => splice(client, upstream, idle_timeout).await,
                         Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),

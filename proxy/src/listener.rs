@@ -153,9 +153,11 @@ pub async fn serve<S>(
         let alive = alive.clone();
         let draining = draining.clone();
         tokio::spawn(async move {
-            let _held = (guard, slot, alive);
+            // `alive` moves into the connection's facts once it has them:
+            // a spliced upgrade holds those past the connection's task.
+            let _held = (guard, slot, alive.clone());
             let Some(config) = tls else {
-                let conn = Arc::new(ConnInfo::new(peer, local, None));
+                let conn = Arc::new(ConnInfo::new(peer, local, None).held_by_drain(alive));
                 serve_conn(&builder, stream, service, conn, settings, draining).await;
                 return;
             };
@@ -184,7 +186,7 @@ pub async fn serve<S>(
                 Some(PeerCert::Spiffe(id)) => id.trust_domain(),
                 Some(PeerCert::NoSpiffe(_)) => "not_spiffe",
             });
-            let conn = Arc::new(ConnInfo::new(peer, local, Some(tls_info)));
+            let conn = Arc::new(ConnInfo::new(peer, local, Some(tls_info)).held_by_drain(alive));
             serve_conn(&builder, stream, service, conn, settings, draining).await;
         });
     }

@@ -19,6 +19,9 @@ pub struct ConnInfo {
     /// The peer's address as the `x-forwarded-for` value: written once per
     /// connection, not per request.
     forwarded_for: HeaderValue,
+    /// While any holder of this connection's facts lives (its task, its
+    /// requests, a spliced upgrade), the listener's drain waits for it.
+    _drain: Option<tokio::sync::mpsc::Sender<()>>,
 }
 
 impl ConnInfo {
@@ -31,6 +34,15 @@ impl ConnInfo {
             local,
             tls,
             forwarded_for,
+            _drain: None,
+        }
+    }
+
+    /// Makes the listener's drain wait for these facts to be dropped.
+    pub fn held_by_drain(self, alive: tokio::sync::mpsc::Sender<()>) -> Self {
+        Self {
+            _drain: Some(alive),
+            ..self
         }
     }
 

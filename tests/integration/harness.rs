@@ -118,6 +118,8 @@ pub struct Harness {
     pub issuer: TokenIssuer,
     tls: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The proxy's task: it ends once stopped and drained.
+    running: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
 
@@ -251,7 +253,7 @@ policies = "{policies}"
         let addr = app.proxy_addr().unwrap();
         let admin = app.admin_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(app.run(async {
+        let running = tokio::spawn(app.run(async {
             let _ = stopped.await;
         }));
         Self {
@@ -264,6 +266,7 @@ policies = "{policies}"
             issuer,
             tls: opts.tls,
             stop: Some(stop),
+            running: Some(running),
             _dir: dir,
         }
     }
@@ -440,6 +443,17 @@ policies = "{policies}"
     /// The request the upstream received last.
     pub fn upstream_got(&mut self) -> Seen {
         self.seen.try_recv().expect("the upstream received nothing")
+    }
+}
+
+impl Harness {
+    /// Tells the proxy to stop, as SIGTERM does; the handle resolves once
+    /// it has drained.
+    pub fn shut_down(&mut self) -> tokio::task::JoinHandle<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.running.take().expect("shut down once")
     }
 }
 

@@ -134,3 +134,42 @@ async fn a_spliced_connection_is_closed_once_idle() {
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     assert!(quiet.elapsed() >= Duration::from_millis(900));
 }
+
+/// A spliced connection open when the proxy is told to stop (SIGTERM) is
+/// drained like a request in flight: it carries bytes until it closes,
+/// for up to `runtime.drain_timeout`, and the proxy stops once it has.
+#[tokio::test]
+async fn a_spliced_connection_is_drained_not_cut() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (upstream, _seen) = echo_ws_upstream().await;
+    let mut h = Harness::with(Options {
+        tls: false,
+        upstream: Some(upstream),
+        extra_toml: "[runtime]\ndrain_timeout = \"30s\"\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let (mut s, head) = upgrade(&h, "/public/chat").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut drained = h.shut_down();
+    s.write_all(b"after the stop").await.unwrap();
+    let mut echoed = [0u8; 14];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut echoed))
+        .await
+        .expect("the spliced connection went quiet")
+        .expect("the spliced connection was cut");
+    assert_eq!(&echoed, b"after the stop");
+    // Stopping without it would take a few milliseconds: it waits instead.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut drained)
+            .await
+            .is_err(),
+        "the proxy stopped with a spliced connection open"
+    );
+    drop(s);
+    tokio::time::timeout(Duration::from_secs(10), drained)
+        .await
+        .expect("the proxy kept waiting after the spliced connection closed")
+        .unwrap();
+}
