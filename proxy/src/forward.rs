@@ -669,8 +669,9 @@ impl Service<Request<Body>> for Forward {
                 };
                 let upstream_upgrade = hyper::upgrade::on(&mut rsp);
                 tokio::spawn(async move {
-                    // Holding the connection's facts keeps the listener's
-                    // drain waiting for the splice, as for any request.
+                    // Holding the connection's facts keeps what it holds
+                    // from the listener: its slot under `max_connections`,
+                    // its count as active, and the drain's wait.
                     let _conn = conn;
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
                         Ok((client, upstream)) => splice(client, upstream, idle_timeout).await,

@@ -70,6 +70,16 @@ where
     }
 }
 
+/// What an accepted connection holds until it, and any WebSocket spliced
+/// from it, is gone.
+struct Held {
+    _active: ActiveGuard,
+    /// Its slot under `max_connections`.
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    /// The drain waits until every clone is dropped.
+    _alive: tokio::sync::mpsc::Sender<()>,
+}
+
 struct ActiveGuard(Arc<Metrics>);
 
 impl Drop for ActiveGuard {
@@ -145,19 +155,21 @@ pub async fn serve<S>(
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().or(local).unwrap_or(peer);
         metrics.connections_active.inc();
-        let guard = ActiveGuard(metrics.clone());
+        let held = Held {
+            _active: ActiveGuard(metrics.clone()),
+            _slot: slot,
+            _alive: alive.clone(),
+        };
         let service = service.clone();
         let builder = builder.clone();
         let tls = tls.as_ref().map(|t| t.load_full());
         let metrics = metrics.clone();
-        let alive = alive.clone();
         let draining = draining.clone();
         tokio::spawn(async move {
-            // `alive` moves into the connection's facts once it has them:
-            // a spliced upgrade holds those past the connection's task.
-            let _held = (guard, slot, alive.clone());
+            // `held` moves into the connection's facts once it has them: a
+            // spliced upgrade holds those past the connection's task.
             let Some(config) = tls else {
-                let conn = Arc::new(ConnInfo::new(peer, local, None).held_by_drain(alive));
+                let conn = Arc::new(ConnInfo::new(peer, local, None).holding(held));
                 serve_conn(&builder, stream, service, conn, settings, draining).await;
                 return;
             };
@@ -186,7 +198,7 @@ pub async fn serve<S>(
                 Some(PeerCert::Spiffe(id)) => id.trust_domain(),
                 Some(PeerCert::NoSpiffe(_)) => "not_spiffe",
             });
-            let conn = Arc::new(ConnInfo::new(peer, local, Some(tls_info)).held_by_drain(alive));
+            let conn = Arc::new(ConnInfo::new(peer, local, Some(tls_info)).holding(held));
             serve_conn(&builder, stream, service, conn, settings, draining).await;
         });
     }

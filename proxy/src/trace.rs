@@ -19,9 +19,11 @@ pub struct ConnInfo {
     /// The peer's address as the `x-forwarded-for` value: written once per
     /// connection, not per request.
     forwarded_for: HeaderValue,
-    /// While any holder of this connection's facts lives (its task, its
-    /// requests, a spliced upgrade), the listener's drain waits for it.
-    _drain: Option<tokio::sync::mpsc::Sender<()>>,
+    /// What the connection holds from the listener (its slot under
+    /// `max_connections`, its count in `warden_connections_active`, the
+    /// drain's wait), kept until the last holder of these facts goes: the
+    /// connection's task, its requests, or a WebSocket spliced from it.
+    _held: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl ConnInfo {
@@ -34,14 +36,14 @@ impl ConnInfo {
             local,
             tls,
             forwarded_for,
-            _drain: None,
+            _held: None,
         }
     }
 
-    /// Makes the listener's drain wait for these facts to be dropped.
-    pub fn held_by_drain(self, alive: tokio::sync::mpsc::Sender<()>) -> Self {
+    /// Keeps `held` for as long as these facts are held.
+    pub fn holding(self, held: impl std::any::Any + Send + Sync) -> Self {
         Self {
-            _drain: Some(alive),
+            _held: Some(Arc::new(held)),
             ..self
         }
     }

@@ -76,6 +76,22 @@ async fn upgrade(h: &Harness, path: &str) -> (tokio::net::TcpStream, String) {
     (s, String::from_utf8_lossy(&head).into_owned())
 }
 
+/// A proxy with `extra_toml` in front of the echo upstream, and a WebSocket
+/// spliced through it on `/public/chat`.
+async fn spliced(extra_toml: &str) -> (Harness, tokio::net::TcpStream) {
+    let (upstream, _seen) = echo_ws_upstream().await;
+    let h = Harness::with(Options {
+        tls: false,
+        upstream: Some(upstream),
+        extra_toml: extra_toml.into(),
+        ..Options::default()
+    })
+    .await;
+    let (s, head) = upgrade(&h, "/public/chat").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    (h, s)
+}
+
 #[tokio::test]
 async fn websocket_upgrades_are_authorized_then_spliced() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -107,16 +123,7 @@ async fn websocket_upgrades_are_authorized_then_spliced() {
 async fn a_spliced_connection_is_closed_once_idle() {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (upstream, _seen) = echo_ws_upstream().await;
-    let h = Harness::with(Options {
-        tls: false,
-        upstream: Some(upstream),
-        extra_toml: "[runtime]\nidle_timeout = \"1s\"\n".into(),
-        ..Options::default()
-    })
-    .await;
-    let (mut s, head) = upgrade(&h, "/public/chat").await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (_h, mut s) = spliced("[runtime]\nidle_timeout = \"1s\"\n").await;
     let mut byte = [0u8; 1];
     // Ten messages 300 ms apart: 3 s of use, no gap near the idle timeout.
     for i in 0..10u8 {
@@ -142,16 +149,7 @@ async fn a_spliced_connection_is_closed_once_idle() {
 async fn a_spliced_connection_is_drained_not_cut() {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (upstream, _seen) = echo_ws_upstream().await;
-    let mut h = Harness::with(Options {
-        tls: false,
-        upstream: Some(upstream),
-        extra_toml: "[runtime]\ndrain_timeout = \"30s\"\n".into(),
-        ..Options::default()
-    })
-    .await;
-    let (mut s, head) = upgrade(&h, "/public/chat").await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut h, mut s) = spliced("[runtime]\ndrain_timeout = \"30s\"\n").await;
     let mut drained = h.shut_down();
     s.write_all(b"after the stop").await.unwrap();
     let mut echoed = [0u8; 14];
@@ -172,4 +170,46 @@ async fn a_spliced_connection_is_drained_not_cut() {
         .await
         .expect("the proxy kept waiting after the spliced connection closed")
         .unwrap();
+}
+
+/// Whether a new connection to `addr` gets `GET /public/x` answered at all
+/// (the echo upstream makes it a 502), rather than closed unanswered.
+async fn answered(addr: std::net::SocketAddr) -> bool {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let request = format!("GET /public/x HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if s.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer));
+    let _ = read.await.expect("neither answered nor closed");
+    answer.starts_with(b"HTTP/1.1 ")
+}
+
+/// A spliced WebSocket is still a connection: it keeps its slot under
+/// `runtime.max_connections` and its count in `warden_connections_active`
+/// until it closes.
+#[tokio::test]
+async fn a_spliced_connection_counts_against_max_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (h, mut s) = spliced("[runtime]\nmax_connections = 1\n").await;
+    s.write_all(b"spliced").await.unwrap();
+    let mut echoed = [0u8; 7];
+    s.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"spliced");
+    assert_eq!(h.series("warden_connections_active").await, Some(1));
+    assert!(
+        !answered(h.addr).await,
+        "a second connection was served beside a spliced one, past max_connections = 1"
+    );
+    drop(s);
+    super::harness::eventually("the slot is free once the WebSocket closed", || {
+        answered(h.addr)
+    })
+    .await;
+    assert_eq!(h.series("warden_connections_active").await, Some(0));
 }
