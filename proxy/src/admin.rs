@@ -4,11 +4,12 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
@@ -17,6 +18,9 @@ use arc_swap::ArcSwap;
 use crate::authn::Authenticator;
 use crate::body::{self, Body};
 use crate::metrics::{IssuerOnly, Metrics};
+
+/// Admin connections open at once, at most.
+pub const ADMIN_CONNECTIONS: usize = 64;
 
 /// What the admin endpoints read.
 #[derive(Clone)]
@@ -103,29 +107,52 @@ impl Admin {
         }
     }
 
-    /// Serves until `shutdown` resolves.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    /// Serves until `shutdown` resolves. The port may be reachable beyond
+    /// the host (a task's or pod's scrape target) and shares the process's
+    /// descriptors with the proxy, so what a client can hold is bounded:
+    /// HTTP/1.1 only (scrapers and probes speak it), a request head within
+    /// `header_read_timeout` (which also bounds a kept-alive connection's
+    /// wait for its next request), and at most [`ADMIN_CONNECTIONS`] open,
+    /// past which a new one is closed on accept.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        header_read_timeout: Duration,
+        shutdown: impl Future<Output = ()>,
+    ) {
         tokio::pin!(shutdown);
+        let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS));
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout);
         loop {
             let stream = tokio::select! {
                 a = listener.accept() => match a {
                     Ok((s, _)) => s,
                     Err(e) => {
                         tracing::warn!(error = %e, "admin accept failed");
+                        // Out of descriptors and similar: back off instead of spinning.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 },
                 () = &mut shutdown => return,
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                drop(stream);
+                continue;
+            };
             let admin = self.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let conn = http.serve_connection(
+                TokioIo::new(stream),
+                hyper::service::service_fn(move |req: Request<Incoming>| {
                     let rsp = admin.respond(&req);
                     async move { Ok::<_, Infallible>(rsp) }
-                });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                }),
+            );
+            tokio::spawn(async move {
+                let _slot = slot;
+                let _ = conn.await;
             });
         }
     }

@@ -245,9 +245,13 @@ impl App {
         };
         let ready = self.admin.ready.clone();
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-        let admin = tokio::spawn(self.admin.serve(self.admin_listener, async {
-            let _ = admin_stopped.await;
-        }));
+        let admin = tokio::spawn(self.admin.serve(
+            self.admin_listener,
+            self.cfg.runtime.header_read_timeout,
+            async {
+                let _ = admin_stopped.await;
+            },
+        ));
         let policy_source = crate::reload::PolicySource {
             dir: self.cfg.authz.policies.clone(),
             schema: self.cfg.authz.schema_path(),

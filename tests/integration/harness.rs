@@ -582,6 +582,26 @@ impl Drop for Proxy {
 }
 
 /// Polls `check` until it holds or 10 s pass.
+/// Whether a new connection to `addr` gets `GET path` answered at all,
+/// whatever the status, rather than closed unanswered.
+pub async fn answered(addr: SocketAddr, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if s.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.read_to_end(&mut answer),
+    );
+    let _ = read.await.expect("neither answered nor closed");
+    answer.starts_with(b"HTTP/1.1 ")
+}
+
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
 where
     F: FnMut() -> Fut,

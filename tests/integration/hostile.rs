@@ -3,8 +3,8 @@
 //! (CVE-2024-27316 and kin), each beside a well-behaved client; HTTP/1.1
 //! framing built to smuggle a second request past the proxy; bodies that
 //! stop arriving, an upstream that stops mid-response, a client that stops
-//! reading its response, and an HTTP/2 client that gives a stream no
-//! flow-control window.
+//! reading its response, an HTTP/2 client that gives a stream no
+//! flow-control window, and clients holding the admin port.
 
 use std::time::Duration;
 
@@ -824,4 +824,58 @@ async fn an_http2_stream_given_no_window_is_reset() {
         .await
         .unwrap();
     assert_eq!(rsp.status(), 200);
+}
+
+/// The admin port may be reachable beyond the host (a scrape target) and
+/// shares the process's descriptors with the proxy: a client trickling a
+/// request head there is cut off at `header_read_timeout`, as on the proxy
+/// port.
+#[tokio::test]
+async fn a_head_trickled_to_the_admin_port_is_cut_off() {
+    let h = Harness::with(Options {
+        tls: false,
+        extra_toml: "[runtime]\nheader_read_timeout = \"1s\"\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let mut slow = tokio::net::TcpStream::connect(h.admin).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    // A reset may end the read: closing is the point.
+    let _ = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut seen))
+        .await
+        .expect("a trickled head held an admin connection open");
+    assert!(
+        !seen.starts_with(b"HTTP/1.1 200"),
+        "answered an unfinished head"
+    );
+    assert_eq!(h.admin_get("/healthz").await.0, 200);
+}
+
+/// Past `ADMIN_CONNECTIONS` open admin connections, a new one is closed
+/// unanswered; once they go, the admin port answers again, and the proxy
+/// port served throughout.
+#[tokio::test]
+async fn admin_connections_past_the_cap_are_closed_unanswered() {
+    use super::harness::{answered, eventually};
+    let h = Harness::plaintext().await;
+    let mut held = Vec::new();
+    for _ in 0..warden::admin::ADMIN_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(h.admin).await.unwrap());
+    }
+    assert!(
+        !answered(h.admin, "/healthz").await,
+        "an admin connection past the cap was served"
+    );
+    assert!(
+        answered(h.addr, "/public/x").await,
+        "the proxy port stopped serving"
+    );
+    drop(held);
+    eventually("the admin port answers once connections close", || {
+        answered(h.admin, "/healthz")
+    })
+    .await;
 }
