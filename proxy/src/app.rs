@@ -297,6 +297,7 @@ impl App {
             self.listener,
             self.tls,
             service,
+            pipeline::observer(&self.shared),
             self.shared.metrics.clone(),
             settings,
             shutdown,

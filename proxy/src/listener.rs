@@ -25,6 +25,7 @@ use tower::{Service, ServiceExt};
 use crate::authn::mtls;
 use crate::body::{self, Body};
 use crate::metrics::{HandshakeLabels, Metrics};
+use crate::observe::ObserveLayer;
 use crate::stillness::{CutWhenStill, LastMoved};
 use crate::trace::{ConnInfo, PeerCert, TlsInfo};
 
@@ -97,6 +98,7 @@ pub async fn serve<S>(
     listener: TcpListener,
     tls: Option<TlsSource>,
     service: S,
+    observer: ObserveLayer,
     metrics: Arc<Metrics>,
     settings: ConnSettings,
     shutdown: impl Future<Output = ()>,
@@ -161,6 +163,7 @@ pub async fn serve<S>(
             _alive: alive.clone(),
         };
         let service = service.clone();
+        let observer = observer.clone();
         let builder = builder.clone();
         let tls = tls.as_ref().map(|t| t.load_full());
         let metrics = metrics.clone();
@@ -170,7 +173,10 @@ pub async fn serve<S>(
             // spliced upgrade holds those past the connection's task.
             let Some(config) = tls else {
                 let conn = Arc::new(ConnInfo::new(peer, local, None).holding(held));
-                serve_conn(&builder, stream, service, conn, settings, draining).await;
+                serve_conn(
+                    &builder, stream, service, conn, &observer, settings, draining,
+                )
+                .await;
                 return;
             };
             let acceptor = TlsAcceptor::from(config);
@@ -199,7 +205,10 @@ pub async fn serve<S>(
                 Some(PeerCert::NoSpiffe(_)) => "not_spiffe",
             });
             let conn = Arc::new(ConnInfo::new(peer, local, Some(tls_info)).holding(held));
-            serve_conn(&builder, stream, service, conn, settings, draining).await;
+            serve_conn(
+                &builder, stream, service, conn, &observer, settings, draining,
+            )
+            .await;
         });
     }
     drop(listener);
@@ -222,12 +231,14 @@ fn handshake_done(metrics: &Metrics, result: &'static str, version: &'static str
 
 /// Serves one connection until it ends, the proxy drains, or it has been
 /// idle (no request in flight) for `idle_timeout`; the last two close it
-/// gracefully: in-flight requests finish, HTTP/2 gets GOAWAY.
+/// gracefully: in-flight requests finish, HTTP/2 gets GOAWAY. A request head
+/// hyper refused goes to `observer`'s log and counts.
 async fn serve_conn<IO, S>(
     builder: &auto::Builder<StreamExec>,
     io: IO,
     service: S,
     conn: Arc<ConnInfo>,
+    observer: &ObserveLayer,
     settings: ConnSettings,
     mut draining: tokio::sync::watch::Receiver<bool>,
 ) where
@@ -243,6 +254,7 @@ async fn serve_conn<IO, S>(
         io,
         activity: activity.clone(),
     };
+    let peer = conn.peer().ip();
     let served = builder.serve_connection_with_upgrades(
         TokioIo::new(io),
         hyper_service(service, conn, activity.clone()),
@@ -257,7 +269,12 @@ async fn serve_conn<IO, S>(
             activity.next_check(idle)
         };
         tokio::select! {
-            _ = served.as_mut() => return,
+            ended = served.as_mut() => {
+                if let Some((status, reason)) = ended.err().as_deref().and_then(refused_head) {
+                    observer.record_unparsed(peer, status, &reason);
+                }
+                return;
+            }
             changed = draining.changed(), if !closing => {
                 if changed.is_err() || *draining.borrow() {
                     served.as_mut().graceful_shutdown();
@@ -278,6 +295,25 @@ async fn serve_conn<IO, S>(
             }
         }
     }
+}
+
+/// The answer hyper wrote itself, if a connection ended on a request head it
+/// could not parse (hyper's `on_error`: 400, 414 or 431, with no body), and
+/// hyper's description of what was wrong: fixed text such as "invalid
+/// content-length parsed", never the client's bytes.
+fn refused_head(err: &(dyn std::error::Error + Send + Sync + 'static)) -> Option<(u16, String)> {
+    let e = err.downcast_ref::<hyper::Error>()?;
+    // An HTTP/2 preface on an HTTP/1.1 connection gets no answer.
+    if !e.is_parse() || e.is_parse_version_h2() {
+        return None;
+    }
+    let reason = e.to_string();
+    let status = match (e.is_parse_too_large(), reason.as_str()) {
+        (true, "URI too long") => 414,
+        (true, _) => 431,
+        (false, _) => 400,
+    };
+    Some((status, reason))
 }
 
 /// Requests in flight on one connection, and when the last one started or

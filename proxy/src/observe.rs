@@ -195,6 +195,44 @@ where
 }
 
 impl ObserveLayer {
+    /// A request whose head hyper could not parse, which hyper answered
+    /// itself (400, 414 or 431, with no body) and closed the connection on,
+    /// so it never reached this layer's `call`. It is counted and logged like
+    /// any other refusal: a malformed or smuggling-shaped request is one an
+    /// operator wants to see. No request id reached the client, and the
+    /// duration is unknown (0): the head was never whole.
+    pub fn record_unparsed(&self, peer: std::net::IpAddr, status: u16, reason: &str) {
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                authn: "none",
+                decision: "none",
+                code: status,
+            })
+            .inc();
+        let mut ts = [0u8; 40];
+        let request_id = new_request_id();
+        let line = LogLine {
+            ts: rfc3339(time::OffsetDateTime::now_utc(), &mut ts),
+            request_id: &request_id,
+            source_ip: peer,
+            authn: "none",
+            principal: None,
+            action: None,
+            resource: None,
+            decision: None,
+            mode: self.mode.as_str(),
+            policies: &[],
+            policy_set: None,
+            reason: Some(reason),
+            status,
+            duration_us: 0,
+            errors: &[],
+            shadow: None,
+        };
+        self.log.write(line.to_json());
+    }
+
     fn record(&self, trace: &Trace, status: u16, err: Option<&ProxyError>) {
         let elapsed = trace.start.elapsed();
         let authn = trace.authn.get().copied().unwrap_or("none");

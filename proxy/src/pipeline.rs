@@ -41,6 +41,17 @@ pub struct Shared {
     pub idle_timeout: std::time::Duration,
 }
 
+/// The outermost layer, also handed to the listener for the requests hyper
+/// refuses before the stack sees them.
+pub fn observer(shared: &Shared) -> ObserveLayer {
+    ObserveLayer::new(
+        shared.metrics.clone(),
+        shared.log.clone(),
+        shared.mode,
+        shared.explain,
+    )
+}
+
 /// Builds the request stack, in request order.
 pub fn build(
     shared: &Shared,
@@ -50,12 +61,7 @@ pub fn build(
        + 'static {
     ServiceBuilder::new()
         // request id, decision log, metrics; every error below becomes its response here
-        .layer(ObserveLayer::new(
-            shared.metrics.clone(),
-            shared.log.clone(),
-            shared.mode,
-            shared.explain,
-        ))
+        .layer(observer(shared))
         // 503 overloaded past runtime.max_requests in flight, never an unbounded queue
         .layer(crate::shed::ShedLayer::new(shared.max_requests))
         // 400 for malformed paths, CONNECT, h2c and non-websocket upgrades; normalize the path

@@ -99,6 +99,40 @@ async fn the_authorizer_and_the_upstream_see_the_same_path() {
     h.assert_upstream_untouched();
 }
 
+/// Heads hyper refuses while parsing (it answers them itself, with no body)
+/// are logged and counted like every other refusal.
+#[tokio::test]
+async fn heads_hyper_refuses_are_logged_and_counted() {
+    let mut h = Harness::plaintext().await;
+    let host = h.host();
+    // Two different lengths: the shape of a request-smuggling attempt.
+    let smuggle = format!(
+        "POST /public/x HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"
+    );
+    assert_eq!(h.raw(smuggle.into_bytes()).await, 400);
+    let log = h.next_log();
+    assert_eq!(log["status"], 400);
+    assert_eq!(log["reason"], "invalid content-length parsed");
+    assert_eq!(log["authn"], "none");
+    assert!(log["decision"].is_null() && log["resource"].is_null());
+    assert_eq!(log["request_id"].as_str().map(str::len), Some(32));
+    let mut big = format!("GET /public/x HTTP/1.1\r\nHost: {host}\r\n");
+    big.push_str(&format!("x-filler: {}\r\n\r\n", "x".repeat(64 * 1024)));
+    assert_eq!(h.raw(big.into_bytes()).await, 431);
+    let log = h.next_log();
+    assert_eq!(log["status"], 431);
+    assert_eq!(log["reason"], "message head is too large");
+    h.assert_upstream_untouched();
+    for code in [400, 431] {
+        let series =
+            format!("warden_requests_total{{authn=\"none\",decision=\"none\",code=\"{code}\"}}");
+        assert_eq!(h.series(&series).await, Some(1), "{series}");
+    }
+    assert_eq!(h.raw(get("/public/x", &host)).await, 200);
+    assert_eq!(h.next_log()["status"], 200);
+    h.upstream_got();
+}
+
 #[tokio::test]
 async fn oversized_headers_are_431_and_never_forwarded() {
     let mut h = Harness::plaintext().await;
