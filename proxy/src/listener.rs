@@ -298,16 +298,22 @@ async fn serve_conn<IO, S>(
 }
 
 /// The answer hyper wrote itself, if a connection ended on a request head it
-/// could not parse (hyper's `on_error`: 400, 414 or 431, with no body), and
-/// hyper's description of what was wrong: fixed text such as "invalid
-/// content-length parsed", never the client's bytes.
+/// could not parse (hyper's `Server::on_error`: 400, 414 or 431, with no
+/// body), and hyper's description of what was wrong: fixed text such as
+/// "invalid content-length parsed", never the client's bytes. (A head that
+/// fails while a pipelined answer is still being written closes the
+/// connection unanswered; it is logged with the status all the same.)
 fn refused_head(err: &(dyn std::error::Error + Send + Sync + 'static)) -> Option<(u16, String)> {
     let e = err.downcast_ref::<hyper::Error>()?;
-    // An HTTP/2 preface on an HTTP/1.1 connection gets no answer.
-    if !e.is_parse() || e.is_parse_version_h2() {
+    // The parse errors hyper answers no request for: an HTTP/2 preface on an
+    // HTTP/1.1 connection, a response's status (client side), its own bugs.
+    if !e.is_parse() || e.is_parse_version_h2() || e.is_parse_status() {
         return None;
     }
     let reason = e.to_string();
+    if reason.starts_with("internal error") {
+        return None;
+    }
     let status = match (e.is_parse_too_large(), reason.as_str()) {
         (true, "URI too long") => 414,
         (true, _) => 431,

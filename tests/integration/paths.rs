@@ -2,7 +2,7 @@
 //! the running proxy. The authorizer (decision-log `resource`) and the
 //! upstream always see the same path, or the request is refused before both.
 
-use super::harness::Harness;
+use super::harness::{Harness, Options};
 
 fn get(target: &str, host: &str) -> Vec<u8> {
     format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").into_bytes()
@@ -131,6 +131,23 @@ async fn heads_hyper_refuses_are_logged_and_counted() {
     assert_eq!(h.raw(get("/public/x", &host)).await, 200);
     assert_eq!(h.next_log()["status"], 200);
     h.upstream_got();
+
+    // With room for a head that large, hyper's own URI limit (64 KiB) answers 414.
+    let mut h = Harness::with(Options {
+        tls: false,
+        extra_toml: "[runtime]\nmax_header_bytes = \"128KiB\"\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let host = h.host();
+    let long = format!("/public/{}", "x".repeat(70_000));
+    assert_eq!(h.raw(get(&long, &host)).await, 414);
+    let log = h.next_log();
+    assert_eq!(
+        (log["status"].as_u64(), log["reason"].as_str()),
+        (Some(414), Some("URI too long"))
+    );
+    h.assert_upstream_untouched();
 }
 
 #[tokio::test]
