@@ -95,6 +95,7 @@ fn pipeline(c: &mut Criterion) {
         upstream: cfg.upstream.clone(),
         routes: Vec::new(),
         max_requests: cfg.runtime.max_requests,
+        max_header_bytes: usize::try_from(cfg.runtime.max_header_bytes).unwrap_or(usize::MAX),
         idle_timeout: cfg.runtime.idle_timeout,
     };
     let svc = pipeline::build(&shared);

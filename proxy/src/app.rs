@@ -179,6 +179,7 @@ impl App {
             upstream: cfg.upstream.clone(),
             routes: cfg.route.clone(),
             max_requests: cfg.runtime.max_requests,
+            max_header_bytes: usize::try_from(cfg.runtime.max_header_bytes).unwrap_or(usize::MAX),
             idle_timeout: cfg.runtime.idle_timeout,
         };
         spawn_refreshers(&shared.authn.load(), &shared.metrics)?;

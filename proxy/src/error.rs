@@ -37,6 +37,9 @@ pub enum ProxyError {
     NoRoute,
     #[error("payload too large")]
     PayloadTooLarge,
+    /// A request head over `runtime.max_header_bytes`.
+    #[error("request head too large")]
+    HeadersTooLarge,
     #[error("unavailable: {reason}")]
     Unavailable {
         reason: Reason,
@@ -77,6 +80,7 @@ impl ProxyError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -92,6 +96,7 @@ impl ProxyError {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::NoRoute => "no_route",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::HeadersTooLarge => "headers_too_large",
             Self::Unavailable { .. } => "unavailable",
             Self::UpstreamUnavailable(_) | Self::UpstreamTimeout => "upstream_unavailable",
             Self::RequestTimeout => "request_timeout",
@@ -108,6 +113,7 @@ impl ProxyError {
             Self::UpstreamTimeout => Some("upstream timed out"),
             Self::RequestTimeout => Some("request body not received in time"),
             Self::PayloadTooLarge => Some("body larger than the configured limit"),
+            Self::HeadersTooLarge => Some("request head larger than the configured limit"),
             Self::Forbidden | Self::MethodNotAllowed => None,
             Self::NoRoute => Some("no route for this host"),
         }
@@ -121,7 +127,7 @@ impl ProxyError {
             Self::BadRequest(_) | Self::MethodNotAllowed => 3,
             Self::NoRoute => 12,
             Self::RequestTimeout => 4,
-            Self::PayloadTooLarge => 8,
+            Self::PayloadTooLarge | Self::HeadersTooLarge => 8,
         }
     }
 }

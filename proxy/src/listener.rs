@@ -112,21 +112,25 @@ pub async fn serve<S>(
     let mut builder = auto::Builder::new(StreamExec {
         quiet: settings.stream_idle_timeout,
     });
-    // hyper answers 431 itself when a request head outgrows the buffer. Its
-    // header timer also runs while a kept-alive connection waits for its
-    // next request, so it bounds HTTP/1.1 idleness as well.
+    // A head over max_header_bytes is refused by the request stack, with the
+    // contract's JSON 431. hyper buffers more than that, so such a head
+    // reaches the stack; one that outgrows even the buffer, hyper answers
+    // 431 itself, without a body. Its header timer also runs while a
+    // kept-alive connection waits for its next request, so it bounds
+    // HTTP/1.1 idleness as well.
+    let buffer = head_buffer(settings.max_header_bytes);
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes.max(8192));
+        .max_buf_size(buffer);
     // hyper's HTTP/2 server refuses streams past the limit and answers a
     // burst of client resets (CVE-2023-44487) with GOAWAY.
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(settings.max_concurrent_streams)
-        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(buffer).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     let local = listener.local_addr().ok();
     let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
@@ -295,6 +299,14 @@ async fn serve_conn<IO, S>(
             }
         }
     }
+}
+
+/// How much of one request head hyper reads before it refuses the head
+/// itself: four times `runtime.max_header_bytes`, so that a head over the
+/// limit, but not wildly so, is refused by the request stack with a body
+/// that says why. (hyper needs at least 8 KiB.)
+pub fn head_buffer(max_header_bytes: usize) -> usize {
+    max_header_bytes.saturating_mul(4).max(8192)
 }
 
 /// The answer hyper wrote itself, if a connection ended on a request head it

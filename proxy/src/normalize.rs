@@ -155,8 +155,48 @@ fn rebuild(raw: &str) -> Result<String, PathError> {
     Ok(path)
 }
 
+/// A request head's size as `runtime.max_header_bytes` counts it.
+///
+/// HTTP/1.1: the request line and header lines as sent, less optional
+/// whitespace. HTTP/2: the header list as SETTINGS_MAX_HEADER_LIST_SIZE
+/// counts it (RFC 9113 §6.5.2), each field's name and value plus 32, the
+/// pseudo-header fields included.
+pub fn head_size<B>(req: &Request<B>) -> usize {
+    let uri = req.uri();
+    let method = req.method().as_str().len();
+    let scheme = uri.scheme_str().map_or(0, str::len);
+    let authority = uri.authority().map_or(0, |a| a.as_str().len());
+    let target = uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+    let fields = req.headers().iter();
+    if req.version() == Version::HTTP_2 {
+        let pseudo = (":method".len() + method + 32)
+            + (":scheme".len() + scheme + 32)
+            + (":authority".len() + authority + 32)
+            + (":path".len() + target + 32);
+        pseudo
+            + fields
+                .map(|(k, v)| k.as_str().len() + v.len() + 32)
+                .sum::<usize>()
+    } else {
+        // `GET http://host/x HTTP/1.1\r\n`, each `name: value\r\n`, the blank line.
+        let absolute = if scheme > 0 { scheme + "://".len() } else { 0 } + authority;
+        method
+            + 1
+            + absolute
+            + target
+            + " HTTP/1.1\r\n".len()
+            + fields
+                .map(|(k, v)| k.as_str().len() + 2 + v.len() + 2)
+                .sum::<usize>()
+            + 2
+    }
+}
+
 /// Refuses request shapes warden never forwards.
-fn check_shape<B>(req: &Request<B>) -> Result<(), ProxyError> {
+fn check_shape<B>(req: &Request<B>, max_head: usize) -> Result<(), ProxyError> {
+    if head_size(req) > max_head {
+        return Err(ProxyError::HeadersTooLarge);
+    }
     if req.method() == Method::CONNECT {
         return Err(ProxyError::bad_request("CONNECT is not supported"));
     }
@@ -198,19 +238,26 @@ fn check_shape<B>(req: &Request<B>) -> Result<(), ProxyError> {
     Ok(())
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NormalizeLayer;
+#[derive(Debug, Clone, Copy)]
+pub struct NormalizeLayer {
+    /// `runtime.max_header_bytes`: a larger head is refused with 431.
+    pub max_head: usize,
+}
 
 impl<S> Layer<S> for NormalizeLayer {
     type Service = Normalize<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Normalize { inner }
+        Normalize {
+            inner,
+            max_head: self.max_head,
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct Normalize<S> {
     inner: S,
+    max_head: usize,
 }
 
 impl<S> Service<Request<Body>> for Normalize<S>
@@ -228,7 +275,7 @@ where
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let reject = crate::error::reject::<S::Future>;
-        if let Err(e) = check_shape(&req) {
+        if let Err(e) = check_shape(&req, self.max_head) {
             return reject(e);
         }
         let raw = RawTarget {
@@ -265,6 +312,52 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn head_size_counts_the_head_as_sent() {
+        let req = Request::get("/a/b?c=d")
+            .header("host", "orders")
+            .header("x-one", "1")
+            .header("x-one", "22")
+            .body(())
+            .unwrap();
+        let sent = "GET /a/b?c=d HTTP/1.1\r\nhost: orders\r\nx-one: 1\r\nx-one: 22\r\n\r\n";
+        assert_eq!(head_size(&req), sent.len());
+        let absolute = Request::get("http://orders/a").body(()).unwrap();
+        assert_eq!(
+            head_size(&absolute),
+            "GET http://orders/a HTTP/1.1\r\n\r\n".len()
+        );
+        // RFC 9113 §6.5.2: name + value + 32 for each field, pseudo-headers too.
+        let h2 = Request::get("https://orders/a")
+            .version(Version::HTTP_2)
+            .header("x-one", "1")
+            .body(())
+            .unwrap();
+        let fields = [
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", "orders"),
+            (":path", "/a"),
+            ("x-one", "1"),
+        ];
+        let size: usize = fields.iter().map(|(k, v)| k.len() + v.len() + 32).sum();
+        assert_eq!(head_size(&h2), size);
+    }
+
+    #[test]
+    fn a_head_over_the_limit_is_refused() {
+        let req = Request::get("/a")
+            .header("host", "orders")
+            .body(())
+            .unwrap();
+        let size = head_size(&req);
+        assert!(check_shape(&req, size).is_ok());
+        assert!(matches!(
+            check_shape(&req, size - 1),
+            Err(ProxyError::HeadersTooLarge)
+        ));
+    }
 
     #[test]
     fn normalizes() {

@@ -36,6 +36,8 @@ pub struct Shared {
     pub routes: Vec<crate::config::RouteConfig>,
     /// Requests in the pipeline at once, at most.
     pub max_requests: usize,
+    /// `runtime.max_header_bytes`.
+    pub max_header_bytes: usize,
     /// `runtime.idle_timeout`: also how long an upgraded (WebSocket)
     /// connection may carry nothing either way.
     pub idle_timeout: std::time::Duration,
@@ -64,8 +66,11 @@ pub fn build(
         .layer(observer(shared))
         // 503 overloaded past runtime.max_requests in flight, never an unbounded queue
         .layer(crate::shed::ShedLayer::new(shared.max_requests))
-        // 400 for malformed paths, CONNECT, h2c and non-websocket upgrades; normalize the path
-        .layer(NormalizeLayer)
+        // 431 for heads over runtime.max_header_bytes; 400 for malformed paths, CONNECT, h2c
+        // and non-websocket upgrades; normalize the path
+        .layer(NormalizeLayer {
+            max_head: shared.max_header_bytes,
+        })
         // drop client-sent identity and forwarding headers before anything reads them
         .layer(StripLayer)
         // gateway mode: pick the route (upstream, Http::Service) by host and path; 404 when none

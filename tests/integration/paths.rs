@@ -116,8 +116,9 @@ async fn heads_hyper_refuses_are_logged_and_counted() {
     assert_eq!(log["authn"], "none");
     assert!(log["decision"].is_null() && log["resource"].is_null());
     assert_eq!(log["request_id"].as_str().map(str::len), Some(32));
+    // Over the buffer hyper reads a head into (four times max_header_bytes).
     let mut big = format!("GET /public/x HTTP/1.1\r\nHost: {host}\r\n");
-    big.push_str(&format!("x-filler: {}\r\n\r\n", "x".repeat(64 * 1024)));
+    big.push_str(&format!("x-filler: {}\r\n\r\n", "x".repeat(200 * 1024)));
     assert_eq!(h.raw(big.into_bytes()).await, 431);
     let log = h.next_log();
     assert_eq!(log["status"], 431);
@@ -165,4 +166,55 @@ async fn oversized_headers_are_431_and_never_forwarded() {
     // A normal request on a new connection is still served.
     assert_eq!(h.raw(get("/public/x", &host)).await, 200);
     h.upstream_got();
+}
+
+/// A head over `runtime.max_header_bytes` is refused by warden with the
+/// contract's answer, over HTTP/1.1 and HTTP/2 alike, and never forwarded.
+#[tokio::test]
+async fn heads_over_the_limit_get_the_contract_431() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    let mut h = Harness::start().await;
+    let with_filler = |h: &Harness, path: &str, len: usize| {
+        h.request("GET", path)
+            .header("x-filler", "x".repeat(len))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    // The default limit is 32 KiB.
+    let rsp = h.send(with_filler(&h, "/public/x", 30_000)).await;
+    assert_eq!(rsp.status, 200, "{}", rsp.text());
+    assert_eq!(h.next_log()["status"], 200);
+    h.upstream_got();
+
+    let rsp = h.send(with_filler(&h, "/public/x", 40_000)).await;
+    assert_eq!(rsp.status, 431);
+    assert_eq!(rsp.headers["content-type"], "application/json");
+    let body: serde_json::Value = serde_json::from_slice(&rsp.body).unwrap();
+    assert_eq!(body["error"], "headers_too_large");
+    assert_eq!(
+        body["reason"],
+        "request head larger than the configured limit"
+    );
+    let log = h.next_log();
+    assert_eq!(body["request_id"], log["request_id"]);
+    assert_eq!(
+        (log["status"].as_u64(), log["authn"].as_str()),
+        (Some(431), Some("none"))
+    );
+    assert!(log["decision"].is_null());
+    h.assert_upstream_untouched();
+
+    let req = http::Request::get(h.url("/api/orders/42"))
+        .header("x-filler", "x".repeat(40_000))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let rsp = h.send_mtls_h2(req).await;
+    assert_eq!(rsp.status, 431);
+    let body: serde_json::Value = serde_json::from_slice(&rsp.body).unwrap();
+    assert_eq!(body["error"], "headers_too_large");
+    assert_eq!(h.next_log()["status"], 431);
+    h.assert_upstream_untouched();
+    let series = "warden_requests_total{authn=\"none\",decision=\"none\",code=\"431\"}";
+    assert_eq!(h.series(series).await, Some(2));
 }
