@@ -305,7 +305,7 @@ async fn serve_conn<IO, S>(
 /// itself: four times `runtime.max_header_bytes`, so that a head over the
 /// limit, but not wildly so, is refused by the request stack with a body
 /// that says why. (hyper needs at least 8 KiB.)
-pub fn head_buffer(max_header_bytes: usize) -> usize {
+fn head_buffer(max_header_bytes: usize) -> usize {
     max_header_bytes.saturating_mul(4).max(8192)
 }
 

@@ -161,7 +161,7 @@ fn rebuild(raw: &str) -> Result<String, PathError> {
 /// whitespace. HTTP/2: the header list as SETTINGS_MAX_HEADER_LIST_SIZE
 /// counts it (RFC 9113 §6.5.2), each field's name and value plus 32, the
 /// pseudo-header fields included.
-pub fn head_size<B>(req: &Request<B>) -> usize {
+fn head_size<B>(req: &Request<B>) -> usize {
     let uri = req.uri();
     let method = req.method().as_str().len();
     let scheme = uri.scheme_str().map_or(0, str::len);
