@@ -389,6 +389,20 @@ async fn conflicting_or_malformed_body_framing_cannot_smuggle_a_request() {
             400,
             None,
         ),
+        // A coding before `chunked` would be dropped with the hop-by-hop
+        // header, handing the upstream a body still in that coding.
+        (
+            "TE gzip then chunked",
+            format!("Transfer-Encoding: gzip, chunked\r\n\r\n{chunked}"),
+            400,
+            None,
+        ),
+        (
+            "TE identity then chunked",
+            format!("Transfer-Encoding: identity\r\n{te}\r\n{chunked}"),
+            400,
+            None,
+        ),
         (
             "TE unknown",
             format!("Transfer-Encoding: xchunked\r\n\r\n{chunked}"),
