@@ -173,24 +173,58 @@ where
         let trace = Arc::new(Trace::new(request_id, conn, grpc));
         req.extensions_mut().insert(trace.clone());
         let fut = self.inner.call(req);
-        let layer = self.layer.clone();
+        let mut pending = Unanswered {
+            layer: self.layer.clone(),
+            trace,
+            answered: false,
+        };
         Box::pin(async move {
             let result = fut.await;
+            pending.answered = true;
+            let (layer, trace) = (&pending.layer, &pending.trace);
             let (rsp, err) = match result {
                 Ok(rsp) => (rsp, None),
                 Err(e) => {
                     let mut rsp = rescue(&e, &trace.request_id, trace.grpc);
                     if layer.explain && matches!(e, ProxyError::Forbidden) {
-                        if let Ok(v) = http::HeaderValue::try_from(deny_reason(&trace)) {
+                        if let Ok(v) = http::HeaderValue::try_from(deny_reason(trace)) {
                             rsp.headers_mut().insert("x-warden-deny-reason", v);
                         }
                     }
                     (rsp, Some(e))
                 }
             };
-            layer.record(&trace, rsp.status().as_u16(), err.as_ref());
+            layer.record(trace, rsp.status().as_u16(), err.as_ref());
             Ok(rsp)
         })
+    }
+}
+
+/// The status logged for a request that got no answer because its
+/// connection closed first: nginx's "client closed request".
+const UNANSWERED_STATUS: u16 = 499;
+const UNANSWERED_REASON: &str = "connection closed before the response";
+
+/// A request in flight. If its future is dropped before it answers (the
+/// client closed its HTTP/1.1 connection or reset its HTTP/2 stream, or the
+/// connection was cut at the end of a drain), the request may already have
+/// reached the upstream, so it is still logged and counted, with status 499.
+struct Unanswered {
+    layer: ObserveLayer,
+    trace: Arc<Trace>,
+    answered: bool,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.layer.write(
+                &self.trace,
+                UNANSWERED_STATUS,
+                None,
+                Some(UNANSWERED_REASON),
+            );
+        }
     }
 }
 
@@ -233,7 +267,20 @@ impl ObserveLayer {
         self.log.write(line.to_json());
     }
 
+    /// Logs and counts a request that was answered with `status`.
     fn record(&self, trace: &Trace, status: u16, err: Option<&ProxyError>) {
+        let reason = match (err, trace.decision.get()) {
+            (Some(e), _) => e
+                .reason()
+                .map(str::to_owned)
+                .or_else(|| Some(e.to_string())),
+            (None, Some(d)) if !d.allow => Some("would deny (audit mode)".to_owned()),
+            _ => None,
+        };
+        self.write(trace, status, err, reason.as_deref());
+    }
+
+    fn write(&self, trace: &Trace, status: u16, err: Option<&ProxyError>, reason: Option<&str>) {
         let elapsed = trace.start.elapsed();
         let authn = trace.authn.get().copied().unwrap_or("none");
         let decision = trace.decision.get();
@@ -280,14 +327,6 @@ impl ObserveLayer {
                 })
                 .inc();
         }
-        let reason = match (err, decision) {
-            (Some(e), _) => e
-                .reason()
-                .map(str::to_owned)
-                .or_else(|| Some(e.to_string())),
-            (None, Some(d)) if !d.allow => Some("would deny (audit mode)".to_owned()),
-            _ => None,
-        };
         let verdict = |allow: bool| if allow { "allow" } else { "deny" };
         let mut ts = [0u8; 40];
         let line = LogLine {
@@ -302,7 +341,7 @@ impl ObserveLayer {
             mode: self.mode.as_str(),
             policies: decision.map_or(&[], |d| &d.policies[..]),
             policy_set: decision.map(|d| &*d.policy_set),
-            reason: reason.as_deref(),
+            reason,
             status,
             duration_us: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             errors: decision.map_or(&[], |d| &d.errors[..]),

@@ -1030,3 +1030,59 @@ async fn shadow_policies_are_logged_and_counted_never_enforced() {
         "{metrics}"
     );
 }
+
+/// A client that goes away while its allowed request is at the upstream
+/// still leaves its decision-log line and its count: the request reached the
+/// service, so the audit trail must say so. The line's status is 499 (the
+/// code nginx logs for it), since no answer was sent. Over HTTP/1.1 the
+/// client closes its connection; over HTTP/2 it resets the stream.
+// Two workers: the log is read with a blocking wait while the proxy, on
+// the other worker, notices the client gone and writes the line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_before_the_response_is_still_logged_and_counted() {
+    use tokio::io::AsyncWriteExt;
+    let (upstream, mut arrivals, _release) = super::drain::held_upstream().await;
+    let h = Harness::with(Options {
+        tls: false,
+        upstream: Some(upstream),
+        ..Options::default()
+    })
+    .await;
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let get = format!("GET /public/gone HTTP/1.1\r\nHost: {}\r\n\r\n", h.host());
+    s.write_all(get.as_bytes()).await.unwrap();
+    arrivals.recv().await.unwrap();
+    drop(s);
+    let line = h.next_log();
+    assert_eq!(line["resource"], r#"Http::Path::"/public/gone""#, "{line}");
+    assert_eq!(line["decision"], "allow", "{line}");
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(
+        line["reason"], "connection closed before the response",
+        "{line}"
+    );
+
+    let warden::devkit::Conn::Http2(mut tx) = warden::devkit::Conn::open(h.addr, None, true)
+        .await
+        .unwrap()
+    else {
+        unreachable!("an HTTP/2 connection")
+    };
+    let req = http::Request::get(format!("http://{}/public/gone/h2", h.host()))
+        .body(empty())
+        .unwrap();
+    let pending = tokio::spawn(tx.send_request(req));
+    arrivals.recv().await.unwrap();
+    // Dropping the response future resets the stream (RST_STREAM CANCEL).
+    pending.abort();
+    let line = h.next_log();
+    assert_eq!(
+        line["resource"], r#"Http::Path::"/public/gone/h2""#,
+        "{line}"
+    );
+    assert_eq!(line["status"], 499, "{line}");
+    let counted = h
+        .series(r#"warden_requests_total{authn="none",decision="allow",code="499"}"#)
+        .await;
+    assert_eq!(counted, Some(2));
+}
