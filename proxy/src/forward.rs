@@ -682,6 +682,12 @@ impl Service<Request<Body>> for Forward {
                 parts.version = downstream;
                 return Ok(Response::from_parts(parts, body::boxed(body)));
             }
+            if !crate::identity::only_chunked(rsp.headers()) {
+                fail("protocol");
+                return Err(ProxyError::UpstreamUnavailable(
+                    "upstream used an unsupported transfer coding".into(),
+                ));
+            }
             let (mut parts, body) = rsp.into_parts();
             parts.version = downstream;
             crate::identity::remove_hop_by_hop(&mut parts.headers);

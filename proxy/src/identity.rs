@@ -90,6 +90,18 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether every `Transfer-Encoding` coding is `chunked` (or there is none).
+/// hyper undoes only the chunked framing and the header is hop-by-hop, so a
+/// message with any other coding (`gzip, chunked`) would be passed on with
+/// its body still in that coding and nothing left naming it.
+pub fn only_chunked(headers: &HeaderMap) -> bool {
+    headers.get_all(header::TRANSFER_ENCODING).iter().all(|te| {
+        te.as_bytes()
+            .split(|&b| b == b',')
+            .all(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+    })
+}
+
 fn escape(value: &str, out: &mut String) -> Result<(), ()> {
     // Most values are printable ASCII with nothing to escape.
     if value

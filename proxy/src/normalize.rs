@@ -208,20 +208,12 @@ fn check_shape<B>(req: &Request<B>, max_head: usize) -> Result<(), ProxyError> {
             ));
         }
     }
-    // hyper decodes the chunked framing and the header goes as hop-by-hop,
-    // so any other coding (`gzip, chunked`) would reach the upstream still
-    // applied but no longer named. hyper refuses a list not ending in
-    // `chunked`; this refuses every coding but `chunked` itself.
-    for te in req.headers().get_all(header::TRANSFER_ENCODING) {
-        let only_chunked = te
-            .as_bytes()
-            .split(|&b| b == b',')
-            .all(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        if !only_chunked {
-            return Err(ProxyError::bad_request(
-                "unsupported transfer coding: only `chunked` is accepted",
-            ));
-        }
+    // hyper refuses a list not ending in `chunked`; this, every coding but
+    // `chunked` itself.
+    if !crate::identity::only_chunked(req.headers()) {
+        return Err(ProxyError::bad_request(
+            "unsupported transfer coding: only `chunked` is accepted",
+        ));
     }
     if req.headers().contains_key("http2-settings") {
         return Err(ProxyError::bad_request("h2c upgrade is not supported"));

@@ -587,6 +587,39 @@ async fn stalling_upstream(reply: &'static str) -> std::net::SocketAddr {
     addr
 }
 
+/// A response in a transfer coding besides `chunked` is not passed on with
+/// that coding dropped (the header is hop-by-hop, hyper undoes only the
+/// chunking): the client gets 502, counted as an upstream protocol error.
+#[tokio::test]
+async fn a_response_in_an_unsupported_transfer_coding_is_502() {
+    let reply =
+        "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let h = Harness::with(Options {
+        tls: false,
+        upstream: Some(stalling_upstream(reply).await),
+        ..Options::default()
+    })
+    .await;
+    let rsp = h
+        .send(
+            h.request("GET", "/public/coded")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(rsp.status, http::StatusCode::BAD_GATEWAY);
+    let body: serde_json::Value = serde_json::from_slice(&rsp.body).unwrap();
+    assert_eq!(body["error"], "upstream_unavailable", "{body}");
+    assert_eq!(
+        body["reason"], "upstream used an unsupported transfer coding",
+        "{body}"
+    );
+    let protocol = h
+        .series(r#"warden_upstream_errors_total{kind="protocol"}"#)
+        .await;
+    assert_eq!(protocol, Some(1));
+}
+
 /// An upstream that stops in the middle of its response body does not hold
 /// the client forever: after the request timeout the response is cut short
 /// (HTTP/1.1: the connection closes before the body's end; HTTP/2: the
