@@ -30,6 +30,22 @@ impl BodyError {
     pub fn is<E: std::error::Error + 'static>(&self) -> bool {
         self.0.is::<E>()
     }
+
+    /// Why a client's request body failed, as the client is told: it ended
+    /// before the end its framing promised (the connection closed mid-body),
+    /// or it was malformed (a bad chunk).
+    pub fn client_reason(&self) -> &'static str {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*self.0);
+        while let Some(e) = cause {
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof)
+            {
+                return "request body ended early: the connection closed";
+            }
+            cause = e.source();
+        }
+        "malformed request body"
+    }
 }
 
 /// A streaming request or response body.

@@ -168,10 +168,10 @@ enum Failure {
     ConnectTimeout,
     Connect(String),
     Protocol(String),
-    /// The client's request body failed while it was being sent on (a
-    /// malformed chunk, a client gone mid-body): the client's fault, not
-    /// the upstream's.
-    ClientBody,
+    /// The client's request body failed while it was being sent on (cut
+    /// short or malformed, as the reason says): the client's fault, not the
+    /// upstream's.
+    ClientBody(&'static str),
     /// The client paused its request body for the whole request timeout.
     ClientBodyTimeout,
 }
@@ -406,17 +406,18 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Moving<'_, IO> {
     }
 }
 
-/// Whether `e`, or an error it was caused by, is a body error. The only
-/// body warden hands its upstream clients is the client's request body.
-fn is_client_body_error(e: &(dyn std::error::Error + 'static)) -> bool {
+/// The failure `e` is if it, or an error it was caused by, is a body error:
+/// the only body warden hands its upstream clients is the client's request
+/// body.
+fn client_body_failure(e: &(dyn std::error::Error + 'static)) -> Option<Failure> {
     let mut cause = Some(e);
     while let Some(e) = cause {
-        if e.is::<crate::body::BodyError>() {
-            return true;
+        if let Some(body) = e.downcast_ref::<crate::body::BodyError>() {
+            return Some(Failure::ClientBody(body.client_reason()));
         }
         cause = e.source();
     }
-    false
+    None
 }
 
 /// The innermost service: sends the request to the upstream.
@@ -512,8 +513,9 @@ impl Forward {
                     Err(Failure::ConnectTimeout)
                 }
                 Err(SendError::Connect(e)) => Err(Failure::Connect(e.to_string())),
-                Err(SendError::Request(e)) if is_client_body_error(&e) => Err(Failure::ClientBody),
-                Err(SendError::Request(e)) => Err(Failure::Protocol(e.to_string())),
+                Err(SendError::Request(e)) => {
+                    Err(client_body_failure(&e).unwrap_or_else(|| Failure::Protocol(e.to_string())))
+                }
             },
             Upstream::Http2(client) => match client.request(req).await {
                 Ok(rsp) => Ok((rsp, None)),
@@ -523,8 +525,8 @@ impl Forward {
                         .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut);
                     Err(if timed_out {
                         Failure::ConnectTimeout
-                    } else if is_client_body_error(&e) {
-                        Failure::ClientBody
+                    } else if let Some(client) = client_body_failure(&e) {
+                        client
                     } else if e.is_connect() {
                         Failure::Connect(e.to_string())
                     } else {
@@ -646,9 +648,7 @@ impl Service<Request<Body>> for Forward {
                         "upstream connection failed".into(),
                     ));
                 }
-                Err(Failure::ClientBody) => {
-                    return Err(ProxyError::bad_request("error reading request body"));
-                }
+                Err(Failure::ClientBody(reason)) => return Err(ProxyError::bad_request(reason)),
                 Err(Failure::ClientBodyTimeout) => return Err(ProxyError::RequestTimeout),
                 Err(Failure::Protocol(e)) => {
                     fail("protocol");

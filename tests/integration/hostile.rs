@@ -466,6 +466,64 @@ async fn conflicting_or_malformed_body_framing_cannot_smuggle_a_request() {
     assert_eq!(protocol, Some(0));
 }
 
+/// A request body cut short by the client (its connection closed for
+/// writing before the body's end) is told apart from a malformed one, in the
+/// answer and the decision log; neither is blamed on the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_short_is_told_apart_from_a_malformed_one() {
+    let h = Harness::plaintext().await;
+    let host = h.host();
+    let cases = [
+        (
+            "content-length, closed early",
+            "Content-Length: 10\r\n\r\nhello",
+            "request body ended early: the connection closed",
+        ),
+        (
+            "chunked, closed early",
+            "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            "request body ended early: the connection closed",
+        ),
+        (
+            "chunked, malformed",
+            "Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            "malformed request body",
+        ),
+    ];
+    // SigV4 with no payload-hash header: the body is read whole, to hash it,
+    // before the request goes on.
+    let signed: String = h
+        .sign("GET", "/public/x", b"hello world", super::harness::Signing::default())
+        .into_iter()
+        .filter(|(k, _)| k != "host")
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    let signed = format!("{signed}Content-Length: 11\r\n\r\nhello");
+    let cases = cases.into_iter().chain([(
+        "signed, hashed, closed early",
+        signed.as_str(),
+        "request body ended early: the connection closed",
+    )]);
+    for (case, rest, reason) in cases {
+        let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let req = format!("GET /public/x HTTP/1.1\r\nHost: {host}\r\n{rest}");
+        s.write_all(req.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{case}: {answer}");
+        assert!(answer.contains(reason), "{case}: {answer}");
+        let line = h.next_log();
+        assert_eq!(line["status"], 400, "{case}: {line}");
+        assert_eq!(line["reason"], reason, "{case}: {line}");
+    }
+    let protocol = h
+        .series(r#"warden_upstream_errors_total{kind="protocol"}"#)
+        .await;
+    assert_eq!(protocol, Some(0));
+}
+
 /// `Expect: 100-continue`: warden asks for the body only of a request it
 /// lets through. A refused one gets its answer at once, with no
 /// `100 Continue`, and its body is never read or forwarded.

@@ -321,7 +321,7 @@ async fn buffer_body(
         let frame = match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => return Err(ProxyError::RequestTimeout),
             Ok(None) => break,
-            Ok(Some(Err(_))) => return Err(ProxyError::bad_request("error reading request body")),
+            Ok(Some(Err(e))) => return Err(ProxyError::bad_request(e.client_reason())),
             Ok(Some(Ok(frame))) => frame,
         };
         let Ok(data) = frame.into_data() else {
