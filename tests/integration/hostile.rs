@@ -493,7 +493,12 @@ async fn a_body_cut_short_is_told_apart_from_a_malformed_one() {
     // SigV4 with no payload-hash header: the body is read whole, to hash it,
     // before the request goes on.
     let signed: String = h
-        .sign("GET", "/public/x", b"hello world", super::harness::Signing::default())
+        .sign(
+            "GET",
+            "/public/x",
+            b"hello world",
+            super::harness::Signing::default(),
+        )
         .into_iter()
         .filter(|(k, _)| k != "host")
         .map(|(k, v)| format!("{k}: {v}\r\n"))
