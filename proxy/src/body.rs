@@ -32,19 +32,29 @@ impl BodyError {
     }
 
     /// Why a client's request body failed, as the client is told: it ended
-    /// before the end its framing promised (the connection closed mid-body),
-    /// or it was malformed (a bad chunk).
+    /// before the end its framing promised (the connection closed or was
+    /// reset mid-body), it was malformed (a bad chunk), or neither is known
+    /// (an HTTP/2 stream error).
     pub fn client_reason(&self) -> &'static str {
+        use std::io::ErrorKind;
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*self.0);
         while let Some(e) = cause {
-            if e.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof)
-            {
-                return "request body ended early: the connection closed";
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                match io.kind() {
+                    ErrorKind::UnexpectedEof
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted => {
+                        return "request body ended early: the connection closed";
+                    }
+                    ErrorKind::InvalidInput | ErrorKind::InvalidData => {
+                        return "malformed request body";
+                    }
+                    _ => {}
+                }
             }
             cause = e.source();
         }
-        "malformed request body"
+        "request body could not be read"
     }
 }
 
@@ -70,4 +80,50 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     body.map_err(BodyError::new).boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error as hyper gives it: a wrapper whose cause is the I/O error.
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error);
+
+    impl fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("error reading a body from connection")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_client_body_error_is_told_by_its_cause() {
+        use std::io::{Error, ErrorKind};
+        let cases = [
+            (
+                ErrorKind::UnexpectedEof,
+                "request body ended early: the connection closed",
+            ),
+            (
+                ErrorKind::ConnectionReset,
+                "request body ended early: the connection closed",
+            ),
+            (ErrorKind::InvalidInput, "malformed request body"),
+            (ErrorKind::InvalidData, "malformed request body"),
+            (ErrorKind::Other, "request body could not be read"),
+        ];
+        for (kind, reason) in cases {
+            let e = BodyError::new(Wrapped(Error::new(kind, "x")));
+            assert_eq!(e.client_reason(), reason, "{kind:?}");
+        }
+        // No I/O cause at all (an HTTP/2 stream error): neither claim is made.
+        let e = BodyError::new("stream error received: operation was canceled");
+        assert_eq!(e.client_reason(), "request body could not be read");
+    }
 }

@@ -280,6 +280,7 @@ impl ObserveLayer {
         self.write(trace, status, err, reason.as_deref());
     }
 
+    /// Counts the request and writes its decision-log line.
     fn write(&self, trace: &Trace, status: u16, err: Option<&ProxyError>, reason: Option<&str>) {
         let elapsed = trace.start.elapsed();
         let authn = trace.authn.get().copied().unwrap_or("none");
