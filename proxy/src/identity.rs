@@ -90,16 +90,24 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether every `Transfer-Encoding` coding is `chunked` (or there is none).
-/// hyper undoes only the chunked framing and the header is hop-by-hop, so a
-/// message with any other coding (`gzip, chunked`) would be passed on with
-/// its body still in that coding and nothing left naming it.
+/// Whether the message has no `Transfer-Encoding`, or one coding in all its
+/// `Transfer-Encoding` lines: `chunked`. hyper undoes the chunked framing
+/// once and nothing else, and the header is hop-by-hop, so a message with any
+/// other coding (`gzip, chunked`) would be passed on with its body still in
+/// that coding and nothing left naming it, and one chunked twice (`chunked,
+/// chunked`, or in two lines) with its body still chunked.
 pub fn only_chunked(headers: &HeaderMap) -> bool {
-    headers.get_all(header::TRANSFER_ENCODING).iter().all(|te| {
-        te.as_bytes()
-            .split(|&b| b == b',')
-            .all(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-    })
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|te| te.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    match codings.next() {
+        // Absent, or present with no coding at all (`Transfer-Encoding: ,`).
+        None => !headers.contains_key(header::TRANSFER_ENCODING),
+        Some(coding) => coding.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
+    }
 }
 
 fn escape(value: &str, out: &mut String) -> Result<(), ()> {
@@ -302,6 +310,38 @@ mod tests {
         // Any other `te` goes.
         let h = hop_stripped(&[("te", "gzip")]);
         assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn chunked_once_is_the_only_transfer_coding() {
+        let headers = |lines: &[&str]| {
+            let mut h = HeaderMap::new();
+            for line in lines {
+                h.append(header::TRANSFER_ENCODING, line.parse().unwrap());
+            }
+            h
+        };
+        for ok in [
+            &[][..],
+            &["chunked"],
+            &["Chunked"],
+            &[" chunked ,"],
+            &[",chunked"],
+        ] {
+            assert!(only_chunked(&headers(ok)), "{ok:?} refused");
+        }
+        let refused: [&[&str]; 7] = [
+            &["chunked, chunked"],
+            &["chunked", "chunked"],
+            &["gzip, chunked"],
+            &["identity", "chunked"],
+            &["xchunked"],
+            &[","],
+            &[""],
+        ];
+        for bad in refused {
+            assert!(!only_chunked(&headers(bad)), "{bad:?} accepted");
+        }
     }
 
     #[test]

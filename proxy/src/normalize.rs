@@ -208,11 +208,11 @@ fn check_shape<B>(req: &Request<B>, max_head: usize) -> Result<(), ProxyError> {
             ));
         }
     }
-    // hyper refuses a list not ending in `chunked`; this, every coding but
-    // `chunked` itself.
+    // hyper refuses a list not ending in `chunked`; this, every other coding
+    // and `chunked` applied twice.
     if !crate::identity::only_chunked(req.headers()) {
         return Err(ProxyError::bad_request(
-            "unsupported transfer coding: only `chunked` is accepted",
+            "unsupported transfer coding: only `chunked`, once, is accepted",
         ));
     }
     if req.headers().contains_key("http2-settings") {

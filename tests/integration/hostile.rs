@@ -342,12 +342,6 @@ async fn conflicting_or_malformed_body_framing_cannot_smuggle_a_request() {
             Some(&inner),
         ),
         (
-            "TE twice",
-            format!("{te}{te}\r\n{chunked}"),
-            200,
-            Some(&inner),
-        ),
-        (
             "TE upper case",
             format!("Transfer-Encoding: CHUNKED\r\n\r\n{chunked}"),
             200,
@@ -403,6 +397,16 @@ async fn conflicting_or_malformed_body_framing_cannot_smuggle_a_request() {
             400,
             None,
         ),
+        // Chunked twice (RFC 9112 §6.1 forbids it) would be undone once,
+        // leaving the upstream a body that is still chunked; peers disagree
+        // on it, so it is refused, in one line or two.
+        (
+            "TE chunked twice",
+            format!("Transfer-Encoding: chunked, chunked\r\n\r\n{chunked}"),
+            400,
+            None,
+        ),
+        ("TE twice", format!("{te}{te}\r\n{chunked}"), 400, None),
         (
             "TE unknown",
             format!("Transfer-Encoding: xchunked\r\n\r\n{chunked}"),
