@@ -97,17 +97,20 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// that coding and nothing left naming it, and one chunked twice (`chunked,
 /// chunked`, or in two lines) with its body still chunked.
 pub fn only_chunked(headers: &HeaderMap) -> bool {
-    let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
+    let mut lines = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    // Most messages have none: one lookup.
+    if lines.peek().is_none() {
+        return true;
+    }
+    let mut codings = lines
         .flat_map(|te| te.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|coding| !coding.is_empty());
-    match codings.next() {
-        // Absent, or present with no coding at all (`Transfer-Encoding: ,`).
-        None => !headers.contains_key(header::TRANSFER_ENCODING),
-        Some(coding) => coding.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
-    }
+    // A list with no coding at all (`Transfer-Encoding: ,`) is refused too.
+    codings
+        .next()
+        .is_some_and(|coding| coding.eq_ignore_ascii_case(b"chunked"))
+        && codings.next().is_none()
 }
 
 fn escape(value: &str, out: &mut String) -> Result<(), ()> {
