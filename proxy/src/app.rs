@@ -156,6 +156,7 @@ impl App {
         seed_rng()?;
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::register(&mut registry));
+        registry.register_collector(Box::new(crate::process::ProcessCollector::new()));
         metrics.zero_decisions(cfg.authz.mode.as_str());
         metrics
             .policy_reloads

@@ -26,6 +26,7 @@ pub mod normalize;
 pub mod observe;
 pub mod pipeline;
 pub mod pool;
+pub mod process;
 pub mod reload;
 pub mod route;
 pub mod shed;

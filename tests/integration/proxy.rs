@@ -598,6 +598,21 @@ async fn every_metric_family_is_exported_before_its_first_event() {
             "{family} missing:\n{metrics}"
         );
     }
+    // So do the process metrics every Prometheus client library exports.
+    for family in [
+        "process_cpu_seconds",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_threads",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {family} ")),
+            "{family} missing:\n{metrics}"
+        );
+    }
     // Series with fixed label sets start at zero.
     for series in [
         "warden_upstream_errors_total{kind=\"connect\"} 0",
