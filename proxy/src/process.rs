@@ -1,7 +1,8 @@
 //! Process metrics, named as the Prometheus client libraries name them
 //! (`process_cpu_seconds_total`, `process_resident_memory_bytes`, ...), read
 //! from `/proc/self` on each scrape of the admin listener's `/metrics`, never
-//! on the request path. Where `/proc` is not mounted they are left out.
+//! on the request path. What `/proc` cannot give is left out, except the
+//! start time, which is then the time the collector was made.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
