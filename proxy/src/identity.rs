@@ -371,6 +371,75 @@ mod tests {
         assert!(lattice_identity(&id).is_none());
     }
 
+    /// Splits an `x-amzn-lattice-identity` value back into its fields, the
+    /// way its reader must: `; ` and `=` separate only where unescaped, and
+    /// a value holds no unescaped `;`, `=` or `\`.
+    fn unescape_fields(header: &str) -> Vec<(String, String)> {
+        let mut fields = vec![(String::new(), None::<String>)];
+        let mut chars = header.chars().peekable();
+        while let Some(c) = chars.next() {
+            let (key, value) = fields.last_mut().unwrap();
+            match c {
+                '\\' => {
+                    let escaped = chars.next().expect("a lone backslash at the end");
+                    value.as_mut().expect("an escape in a key").push(escaped);
+                }
+                ';' => {
+                    assert_eq!(chars.next(), Some(' '), "{header:?}");
+                    fields.push((String::new(), None));
+                }
+                '=' => {
+                    assert!(value.is_none(), "an unescaped `=` in a value: {header:?}");
+                    *value = Some(String::new());
+                }
+                c => value.as_mut().unwrap_or(key).push(c),
+            }
+        }
+        fields
+            .into_iter()
+            .map(|(k, v)| (k, v.expect("a field with no `=`")))
+            .collect()
+    }
+
+    /// Every subject of up to four characters from an alphabet of the
+    /// separators, the escape, a space, a non-ASCII letter and controls: the
+    /// header reads back as exactly the subject, or, with a control
+    /// character in it, there is no header.
+    #[test]
+    fn the_identity_header_reads_back_as_the_principal() {
+        let alphabet = [
+            ';', '=', '\\', ' ', 'a', 'é', ':', '\u{1}', '\u{7f}', '\u{85}',
+        ];
+        let mut checked = 0;
+        crate::testkit::for_every_string(&alphabet, 4, |sub| {
+            let id = Identity {
+                principal: Principal::Oidc {
+                    sub: sub.to_owned(),
+                    iss: "https://idp.example".into(),
+                },
+                method: "jwt",
+                aws: None,
+                jwt: None,
+            };
+            let Some(header) = lattice_identity(&id) else {
+                assert!(sub.chars().any(char::is_control), "{sub:?} refused");
+                return;
+            };
+            assert!(!sub.chars().any(char::is_control), "{sub:?} -> {header:?}");
+            assert!(HeaderValue::from_str(&header).is_ok(), "{header:?}");
+            assert_eq!(
+                unescape_fields(&header),
+                [
+                    ("Principal".to_owned(), sub.to_owned()),
+                    ("Type".to_owned(), "OIDC".to_owned())
+                ],
+                "{sub:?} -> {header:?}"
+            );
+            checked += 1;
+        });
+        assert!(checked > 2000, "{checked}");
+    }
+
     /// An identity the header cannot carry is refused here, and the request
     /// goes no further; a representable one is forwarded with the header.
     #[tokio::test]

@@ -50,3 +50,50 @@ pub fn push_hex(out: &mut String, bytes: &[u8]) {
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
+
+/// Helpers for the unit tests.
+#[cfg(test)]
+mod testkit {
+    /// Calls `f` with every string of one to `max_len` characters from
+    /// `alphabet`, shorter strings first.
+    pub fn for_every_string(alphabet: &[char], max_len: usize, mut f: impl FnMut(&str)) {
+        let mut s = String::new();
+        for len in 1..=max_len {
+            // An odometer over the alphabet, the last character turning fastest.
+            let mut digits = vec![0; len];
+            'strings: loop {
+                s.clear();
+                s.extend(digits.iter().map(|&d| alphabet[d]));
+                f(&s);
+                for d in digits.iter_mut().rev() {
+                    *d += 1;
+                    if *d < alphabet.len() {
+                        continue 'strings;
+                    }
+                    *d = 0;
+                }
+                break;
+            }
+        }
+    }
+
+    /// Whether an absolute path has no empty, `.` or `..` segment; only the
+    /// last may be empty (a trailing `/`).
+    pub fn segments_are_normal(path: &str) -> bool {
+        let inner = path.strip_suffix('/').unwrap_or(path);
+        inner.is_empty()
+            || inner
+                .strip_prefix('/')
+                .is_some_and(|rest| rest.split('/').all(|s| !matches!(s, "" | "." | "..")))
+    }
+
+    #[test]
+    fn every_string_once() {
+        let mut seen = Vec::new();
+        for_every_string(&['a', 'b'], 2, |s| seen.push(s.to_owned()));
+        assert_eq!(seen, ["a", "b", "aa", "ab", "ba", "bb"]);
+        assert!(segments_are_normal("/") && segments_are_normal("/a/b/"));
+        assert!(!segments_are_normal("/a//b") && !segments_are_normal("/./a"));
+        assert!(!segments_are_normal("/a/..") && !segments_are_normal("a/b"));
+    }
+}
