@@ -53,8 +53,30 @@ fn located(file: &Path, src: &str, d: &dyn Diagnostic, msg: impl std::fmt::Displ
     }
 }
 
-/// Parses and strictly validates one file's policies, in file order.
-fn parse_whole(validator: &Validator, file: &Path, src: &str) -> Result<Vec<ast::Policy>, String> {
+/// The file name policies without `@id` are named after.
+fn file_name(file: &Path) -> String {
+    file.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// A policy's name everywhere a user sees one: its `@id`, else `<file>:<index>`.
+fn policy_name(policy: &cedar_policy::Policy, stem: &str, index: usize) -> String {
+    policy
+        .annotation("id")
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{stem}:{index}"))
+}
+
+/// Parses and strictly validates a piece of one file, in file order, each
+/// policy named by [`policy_name`] (`first` is the file index of the piece's
+/// first policy) so that a validation error names it as the user does.
+fn parse_whole(
+    validator: &Validator,
+    file: &Path,
+    src: &str,
+    first: usize,
+) -> Result<Vec<(String, ast::Policy)>, String> {
     let pset: PolicySet = src
         .parse()
         .map_err(|e: cedar_policy::ParseErrors| located(file, src, &e, &e))?;
@@ -64,12 +86,22 @@ fn parse_whole(validator: &Validator, file: &Path, src: &str) -> Result<Vec<ast:
             file.display()
         ));
     }
-    let result = validator.validate(&pset, ValidationMode::Strict);
+    let stem = file_name(file);
+    let mut named = PolicySet::new();
+    let mut names = Vec::new();
+    for (i, policy) in pset.policies().enumerate() {
+        let name = policy_name(policy, &stem, first + i);
+        named
+            .add(policy.new_id(cedar_policy::PolicyId::new(&name)))
+            .map_err(|_| format!("{}: policy id `{name}` is used twice", file.display()))?;
+        names.push(name);
+    }
+    let result = validator.validate(&named, ValidationMode::Strict);
     if let Some(e) = result.validation_errors().next() {
         return Err(located(file, src, e, e));
     }
-    let set: &ast::PolicySet = pset.as_ref();
-    Ok(set.policies().cloned().collect())
+    let set: &ast::PolicySet = named.as_ref();
+    Ok(names.into_iter().zip(set.policies().cloned()).collect())
 }
 
 /// `policy` named `id`, without its annotations: `@id` has been read, and
@@ -95,12 +127,16 @@ fn renamed(policy: &ast::Policy, id: ast::PolicyID) -> Result<ast::Policy, Strin
 /// is several times the size of its policies (8 MB for 1 000 policies), and
 /// the allocator keeps what a peak took. Any error is reported by parsing
 /// the whole file, so that its line is the file's.
-fn parse_file(validator: &Validator, file: &Path, src: &str) -> Result<Vec<ast::Policy>, String> {
+fn parse_file(
+    validator: &Validator,
+    file: &Path,
+    src: &str,
+) -> Result<Vec<(String, ast::Policy)>, String> {
     let mut out = Vec::new();
     for statement in statements(src) {
-        match parse_whole(validator, file, statement) {
+        match parse_whole(validator, file, statement, out.len()) {
             Ok(policies) => out.extend(policies),
-            Err(piece) => return Err(parse_whole(validator, file, src).err().unwrap_or(piece)),
+            Err(piece) => return Err(parse_whole(validator, file, src, 0).err().unwrap_or(piece)),
         }
     }
     Ok(out)
@@ -261,9 +297,6 @@ impl PolicySnapshot {
         let (schema, _warnings) = Schema::from_cedarschema_str(&schema_src)
             .map_err(|e| located(schema_path, &schema_src, &e, &e))?;
         let validator = Validator::new(schema.clone());
-        let id_key: ast::AnyId = "id"
-            .parse()
-            .map_err(|e: cedar_policy_core::parser::err::ParseErrors| e.to_string())?;
         let mut all = Vec::new();
         let mut names: BTreeMap<String, String> = BTreeMap::new();
         let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
@@ -275,15 +308,8 @@ impl PolicySnapshot {
             );
             digest.update(src.as_bytes());
             let parsed = parse_file(&validator, file, src)?;
-            let stem = file
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            for (index, policy) in parsed.iter().enumerate() {
-                let name = policy
-                    .annotation(&id_key)
-                    .map(|a| a.as_ref().to_owned())
-                    .unwrap_or_else(|| format!("{stem}:{index}"));
+            let stem = file_name(file);
+            for (name, policy) in &parsed {
                 if let Some(prev) = names.insert(name.clone(), stem.clone()) {
                     return Err(format!(
                         "{}: policy id `{name}` is already used in {prev}",
@@ -291,7 +317,7 @@ impl PolicySnapshot {
                     ));
                 }
                 all.push(
-                    renamed(policy, ast::PolicyID::from_string(&name))
+                    renamed(policy, ast::PolicyID::from_string(name))
                         .map_err(|e| format!("{}: {e}", file.display()))?,
                 );
             }
@@ -736,9 +762,10 @@ mod tests {
             "permit (principal is Spiffe::Id, action, resource); // done; \"\n",
         );
         let file = dir.path().join("set.cedar");
-        let text =
-            |ps: Vec<ast::Policy>| -> Vec<String> { ps.iter().map(ToString::to_string).collect() };
-        let whole = text(parse_whole(&validator, &file, src).expect("whole"));
+        let text = |ps: Vec<(String, ast::Policy)>| -> Vec<String> {
+            ps.iter().map(|(_, p)| p.to_string()).collect()
+        };
+        let whole = text(parse_whole(&validator, &file, src, 0).expect("whole"));
         assert_eq!(whole.len(), 3);
         assert_eq!(
             text(parse_file(&validator, &file, src).expect("pieces")),
@@ -748,8 +775,15 @@ mod tests {
         // An error is the whole file's, with the file's line.
         let bad = format!("{src}\npermit (principal, action, resource) when {{ context.nope }};\n");
         let err = parse_file(&validator, &file, &bad).expect_err("invalid");
-        assert!(err.contains("set.cedar:6: for policy `policy3`"), "{err}");
+        assert!(
+            err.contains("set.cedar:6: for policy `set.cedar:3`"),
+            "{err}"
+        );
         assert!(err.contains("attribute `nope`"), "{err}");
+        // ... naming the policy as everything else does: by `@id` if it has one.
+        let bad = format!("{src}\n@id(\"broken\")\npermit (principal, action, resource) when {{ context.nope }};\n");
+        let err = parse_file(&validator, &file, &bad).expect_err("invalid");
+        assert!(err.contains("set.cedar:7: for policy `broken`"), "{err}");
         let unterminated = format!("{src}permit (principal, action, resource)");
         assert!(parse_file(&validator, &file, &unterminated).is_err());
         let template = format!("{src}permit (principal == ?principal, action, resource);");
