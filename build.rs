@@ -41,10 +41,15 @@ fn main() {
     let order = Path::new(&var("CARGO_MANIFEST_DIR")).join(ORDER_FILE);
     println!("cargo:rustc-link-arg-bins=-B{}", lld_dir.display());
     println!("cargo:rustc-link-arg-bins=-fuse-ld=lld");
-    if order.is_file() {
+    // The linker reads a copy in this script's own output directory: cargo may
+    // reuse this script's output for a checkout at another path (a moved
+    // checkout, or a second one sharing the target directory), where a path
+    // into the first checkout would name a file that is gone.
+    let copy = Path::new(&var("OUT_DIR")).join("symbol-order.txt");
+    if order.is_file() && std::fs::copy(&order, &copy).is_ok() {
         println!(
             "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
-            order.display()
+            copy.display()
         );
         // Names the order file lists but this build lacks (a changed dependency) are skipped.
         println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
