@@ -35,6 +35,19 @@ impl BodyError {
     /// before the end its framing promised (the connection closed or was
     /// reset mid-body), it was malformed (a bad chunk), or neither is known
     /// (an HTTP/2 stream error).
+    /// Whether the client reset its HTTP/2 stream: it has gone, as a
+    /// client that closes its connection has, rather than sent a bad body.
+    pub fn is_client_reset(&self) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*self.0);
+        while let Some(e) = cause {
+            if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                return h2.is_reset() && h2.is_remote();
+            }
+            cause = e.source();
+        }
+        false
+    }
+
     pub fn client_reason(&self) -> &'static str {
         use std::io::ErrorKind;
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*self.0);
@@ -125,5 +138,12 @@ mod tests {
         // No I/O cause at all (an HTTP/2 stream error): neither claim is made.
         let e = BodyError::new("stream error received: operation was canceled");
         assert_eq!(e.client_reason(), "request body could not be read");
+        // An HTTP/2 error that is no reset of the client's is not the client
+        // going away, nor is a closed connection (a client's own reset is
+        // in hostile.rs's stream-reset test: h2 makes no remote reset here).
+        assert!(!BodyError::new(h2::Error::from(h2::Reason::CANCEL)).is_client_reset());
+        assert!(
+            !BodyError::new(Wrapped(Error::from(ErrorKind::ConnectionReset))).is_client_reset()
+        );
     }
 }

@@ -53,7 +53,18 @@ pub enum ProxyError {
     /// timeout.
     #[error("request body not received in time")]
     RequestTimeout,
+    /// The client went away before the response (it reset its HTTP/2
+    /// stream mid-body): logged and counted with nginx's 499, answered to
+    /// nobody.
+    #[error("{CLIENT_GONE}")]
+    ClientGone,
 }
+
+/// Why a request that got no answer is logged with status 499.
+pub const CLIENT_GONE: &str = "connection closed before the response";
+
+/// nginx's "client closed request".
+const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 impl ProxyError {
     pub fn bad_request(reason: impl Into<Reason>) -> Self {
@@ -85,6 +96,9 @@ impl ProxyError {
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::ClientGone => {
+                StatusCode::from_u16(CLIENT_CLOSED_REQUEST).unwrap_or(StatusCode::BAD_REQUEST)
+            }
         }
     }
 
@@ -100,6 +114,7 @@ impl ProxyError {
             Self::Unavailable { .. } => "unavailable",
             Self::UpstreamUnavailable(_) | Self::UpstreamTimeout => "upstream_unavailable",
             Self::RequestTimeout => "request_timeout",
+            Self::ClientGone => "client_gone",
         }
     }
 
@@ -112,6 +127,7 @@ impl ProxyError {
             | Self::UpstreamUnavailable(r) => Some(r),
             Self::UpstreamTimeout => Some("upstream timed out"),
             Self::RequestTimeout => Some("request body not received in time"),
+            Self::ClientGone => Some(CLIENT_GONE),
             Self::PayloadTooLarge => Some("body larger than the configured limit"),
             Self::HeadersTooLarge => Some("request head larger than the configured limit"),
             Self::Forbidden | Self::MethodNotAllowed => None,
@@ -128,6 +144,8 @@ impl ProxyError {
             Self::NoRoute => 12,
             Self::RequestTimeout => 4,
             Self::PayloadTooLarge | Self::HeadersTooLarge => 8,
+            // CANCELLED
+            Self::ClientGone => 1,
         }
     }
 }

@@ -174,6 +174,8 @@ enum Failure {
     ClientBody(&'static str),
     /// The client paused its request body for the whole request timeout.
     ClientBodyTimeout,
+    /// The client reset its stream while its body was being sent on.
+    ClientGone,
 }
 
 /// When a request body streaming to the upstream last moved. The request
@@ -413,6 +415,9 @@ fn client_body_failure(e: &(dyn std::error::Error + 'static)) -> Option<Failure>
     let mut cause = Some(e);
     while let Some(e) = cause {
         if let Some(body) = e.downcast_ref::<crate::body::BodyError>() {
+            if body.is_client_reset() {
+                return Some(Failure::ClientGone);
+            }
             return Some(Failure::ClientBody(body.client_reason()));
         }
         cause = e.source();
@@ -650,6 +655,7 @@ impl Service<Request<Body>> for Forward {
                 }
                 Err(Failure::ClientBody(reason)) => return Err(ProxyError::bad_request(reason)),
                 Err(Failure::ClientBodyTimeout) => return Err(ProxyError::RequestTimeout),
+                Err(Failure::ClientGone) => return Err(ProxyError::ClientGone),
                 Err(Failure::Protocol(e)) => {
                     fail("protocol");
                     tracing::warn!(error = %e, "upstream request failed");

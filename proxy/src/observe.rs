@@ -200,11 +200,6 @@ where
     }
 }
 
-/// The status logged for a request that got no answer because its
-/// connection closed first: nginx's "client closed request".
-const UNANSWERED_STATUS: u16 = 499;
-const UNANSWERED_REASON: &str = "connection closed before the response";
-
 /// A request in flight. If its future is dropped before it answers (the
 /// client closed its HTTP/1.1 connection or reset its HTTP/2 stream, or the
 /// connection was cut at the end of a drain), the request may already have
@@ -218,12 +213,9 @@ struct Unanswered {
 impl Drop for Unanswered {
     fn drop(&mut self) {
         if !self.answered {
-            self.layer.write(
-                &self.trace,
-                UNANSWERED_STATUS,
-                None,
-                Some(UNANSWERED_REASON),
-            );
+            let gone = ProxyError::ClientGone;
+            self.layer
+                .write(&self.trace, gone.status().as_u16(), None, gone.reason());
         }
     }
 }

@@ -993,3 +993,47 @@ async fn admin_connections_past_the_cap_are_closed_unanswered() {
     })
     .await;
 }
+
+/// An HTTP/2 client that resets its stream while its request body is still
+/// being forwarded has gone before the response, as one that closes its
+/// connection has: the line says 499, whichever part of warden sees the
+/// reset first (the upstream connection reading the body, or the stream's
+/// own task). Each round is a fresh connection.
+// Two workers: the log is read with a blocking wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reset_mid_body_is_logged_as_the_client_gone() {
+    let (upstream, mut arrivals, _release) = super::drain::held_upstream().await;
+    let h = Harness::with(Options {
+        tls: false,
+        upstream: Some(upstream),
+        ..Options::default()
+    })
+    .await;
+    for round in 0..8 {
+        let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let mut opening = h2_preface();
+        // HEADERS, END_HEADERS without END_STREAM: a body follows.
+        let path = format!("/public/reset/{round}");
+        opening.extend(frame(0x1, 0x4, 1, &get_headers(&h.host(), &path)));
+        opening.extend(frame(0x0, 0, 1, b"part of a body"));
+        conn.write_all(&opening).await.unwrap();
+        arrivals.recv().await.unwrap();
+        // RST_STREAM, CANCEL (0x8).
+        conn.write_all(&frame(0x3, 0, 1, &8u32.to_be_bytes()))
+            .await
+            .unwrap();
+        let line = h.next_log();
+        assert_eq!(
+            line["resource"],
+            format!("Http::Path::\"{path}\""),
+            "{line}"
+        );
+        assert_eq!(line["decision"], "allow", "{line}");
+        assert_eq!(line["status"], 499, "round {round}: {line}");
+        assert_eq!(
+            line["reason"], "connection closed before the response",
+            "{line}"
+        );
+        drop(conn);
+    }
+}

@@ -321,6 +321,7 @@ async fn buffer_body(
         let frame = match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => return Err(ProxyError::RequestTimeout),
             Ok(None) => break,
+            Ok(Some(Err(e))) if e.is_client_reset() => return Err(ProxyError::ClientGone),
             Ok(Some(Err(e))) => return Err(ProxyError::bad_request(e.client_reason())),
             Ok(Some(Ok(frame))) => frame,
         };
