@@ -15,6 +15,26 @@ use warden::devkit;
 
 use super::harness::{policies_dir, Proxy};
 
+/// A plaintext harness (with `extra_toml`) in front of [`held_upstream`],
+/// and that upstream's arrivals and release.
+pub async fn harness_before_held_upstream(
+    extra_toml: &str,
+) -> (
+    super::harness::Harness,
+    mpsc::UnboundedReceiver<()>,
+    watch::Sender<bool>,
+) {
+    let (upstream, arrivals, release) = held_upstream().await;
+    let h = super::harness::Harness::with(super::harness::Options {
+        tls: false,
+        upstream: Some(upstream),
+        extra_toml: extra_toml.into(),
+        ..super::harness::Options::default()
+    })
+    .await;
+    (h, arrivals, release)
+}
+
 /// An upstream that holds every response until `release` turns true, and
 /// reports each request it holds.
 pub async fn held_upstream() -> (

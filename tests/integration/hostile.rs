@@ -187,14 +187,8 @@ async fn an_http2_rapid_reset_burst_is_cut_off_and_does_not_starve_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_requests_in_flight_the_answer_is_503_not_a_queue() {
-    let (upstream, mut arrivals, release) = super::drain::held_upstream().await;
-    let h = Harness::with(Options {
-        tls: false,
-        upstream: Some(upstream),
-        extra_toml: "[runtime]\nmax_requests = 5\n".into(),
-        ..Options::default()
-    })
-    .await;
+    let (h, mut arrivals, release) =
+        super::drain::harness_before_held_upstream("[runtime]\nmax_requests = 5\n").await;
     let get = |path: &str| {
         h.request("GET", path)
             .body(Full::new(Bytes::new()))
@@ -1002,13 +996,7 @@ async fn admin_connections_past_the_cap_are_closed_unanswered() {
 // Two workers: the log is read with a blocking wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_reset_mid_body_is_logged_as_the_client_gone() {
-    let (upstream, mut arrivals, _release) = super::drain::held_upstream().await;
-    let h = Harness::with(Options {
-        tls: false,
-        upstream: Some(upstream),
-        ..Options::default()
-    })
-    .await;
+    let (h, mut arrivals, _release) = super::drain::harness_before_held_upstream("").await;
     for round in 0..8 {
         let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
         let mut opening = h2_preface();

@@ -1056,13 +1056,7 @@ async fn shadow_policies_are_logged_and_counted_never_enforced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_gone_before_the_response_is_still_logged_and_counted() {
     use tokio::io::AsyncWriteExt;
-    let (upstream, mut arrivals, _release) = super::drain::held_upstream().await;
-    let h = Harness::with(Options {
-        tls: false,
-        upstream: Some(upstream),
-        ..Options::default()
-    })
-    .await;
+    let (h, mut arrivals, _release) = super::drain::harness_before_held_upstream("").await;
     let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
     let get = format!("GET /public/gone HTTP/1.1\r\nHost: {}\r\n\r\n", h.host());
     s.write_all(get.as_bytes()).await.unwrap();
