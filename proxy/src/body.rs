@@ -31,10 +31,6 @@ impl BodyError {
         self.0.is::<E>()
     }
 
-    /// Why a client's request body failed, as the client is told: it ended
-    /// before the end its framing promised (the connection closed or was
-    /// reset mid-body), it was malformed (a bad chunk), or neither is known
-    /// (an HTTP/2 stream error).
     /// Whether the client reset its HTTP/2 stream: it has gone, as a
     /// client that closes its connection has, rather than sent a bad body.
     pub fn is_client_reset(&self) -> bool {
@@ -48,6 +44,10 @@ impl BodyError {
         false
     }
 
+    /// Why a client's request body failed, as the client is told: it ended
+    /// before the end its framing promised (the connection closed or was
+    /// reset mid-body), it was malformed (a bad chunk), or neither is known
+    /// (an HTTP/2 stream error).
     pub fn client_reason(&self) -> &'static str {
         use std::io::ErrorKind;
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*self.0);

@@ -61,7 +61,7 @@ pub enum ProxyError {
 }
 
 /// Why a request that got no answer is logged with status 499.
-pub const CLIENT_GONE: &str = "connection closed before the response";
+const CLIENT_GONE: &str = "connection closed before the response";
 
 /// nginx's "client closed request".
 const CLIENT_CLOSED_REQUEST: u16 = 499;
