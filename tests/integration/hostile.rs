@@ -1025,3 +1025,105 @@ async fn a_stream_reset_mid_body_is_logged_as_the_client_gone() {
         drop(conn);
     }
 }
+
+/// What [`early_answering_upstream`] saw on one of its connections.
+#[derive(Debug, PartialEq)]
+enum UpstreamSaw {
+    /// The connection's first request head (connections counted from 0).
+    Head(usize, String),
+    /// The connection ended; every byte that followed its first head.
+    End(usize, Vec<u8>),
+}
+
+/// An upstream that answers `200 ok` as soon as a connection's first request
+/// head arrives, before any of its body (as some servers do), and reports
+/// what each connection carried.
+async fn early_answering_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<UpstreamSaw>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (saw, seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        for id in 0.. {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let saw = saw.clone();
+            tokio::spawn(async move {
+                let (mut got, mut head_end) = (Vec::new(), None);
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    got.extend_from_slice(&buf[..n]);
+                    if head_end.is_none() {
+                        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            head_end = Some(i + 4);
+                            let head = String::from_utf8_lossy(&got[..i]).into_owned();
+                            let _ = saw.send(UpstreamSaw::Head(id, head));
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(answer).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let rest = got.split_off(head_end.unwrap_or(got.len()));
+                let _ = saw.send(UpstreamSaw::End(id, rest));
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A request whose upstream answered before its body was all sent keeps its
+/// upstream connection until the body is: the next request goes out on
+/// another connection, never after the first one's unfinished body (where
+/// the upstream would read it as the rest of that body, or as a request of
+/// the first client's making). When the client then leaves mid-body, that
+/// connection is closed with nothing sent past what the client sent.
+#[tokio::test]
+async fn an_unfinished_request_body_keeps_its_upstream_connection_from_the_next_request() {
+    let (upstream, mut seen) = early_answering_upstream().await;
+    let h = Harness::with(Options {
+        tls: false,
+        upstream: Some(upstream),
+        ..Options::default()
+    })
+    .await;
+    let host = h.host();
+    let mut first = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let head = format!("GET /public/first HTTP/1.1\r\nHost: {host}\r\nContent-Length: 10\r\n\r\n");
+    first.write_all(head.as_bytes()).await.unwrap();
+    first.write_all(b"hello").await.unwrap();
+    match seen.recv().await.unwrap() {
+        UpstreamSaw::Head(0, head) => assert!(head.starts_with("GET /public/first "), "{head}"),
+        other => panic!("expected the first head on connection 0, got {other:?}"),
+    }
+    // The upstream's whole answer reaches the client while its body is unfinished.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.ends_with(b"\r\n\r\nok") {
+        let n = tokio::time::timeout(Duration::from_secs(10), first.read(&mut buf))
+            .await
+            .expect("the upstream's answer was not forwarded")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200 "));
+
+    let second =
+        format!("GET /public/second HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    assert_eq!(h.raw(second.into_bytes()).await, 200);
+    match seen.recv().await.unwrap() {
+        UpstreamSaw::Head(1, head) => assert!(head.starts_with("GET /public/second "), "{head}"),
+        other => panic!("expected the second head on a new connection, got {other:?}"),
+    }
+
+    drop(first);
+    let ended = tokio::time::timeout(Duration::from_secs(10), seen.recv())
+        .await
+        .expect("the cut-short request's upstream connection stayed open");
+    assert_eq!(ended, Some(UpstreamSaw::End(0, b"hello".to_vec())));
+}
