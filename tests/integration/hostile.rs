@@ -1,10 +1,12 @@
 //! Hostile clients: a slowloris trickling its request head, an HTTP/2
 //! rapid-reset burst (CVE-2023-44487) and an HTTP/2 CONTINUATION flood
 //! (CVE-2024-27316 and kin), each beside a well-behaved client; HTTP/1.1
-//! framing built to smuggle a second request past the proxy; bodies that
-//! stop arriving, an upstream that stops mid-response, a client that stops
-//! reading its response, an HTTP/2 client that gives a stream no
-//! flow-control window, and clients holding the admin port.
+//! framing built to smuggle a second request past the proxy, and HTTP/2
+//! header bytes built to inject lines into the upstream's request; bodies
+//! that stop arriving or stay unfinished, an upstream that stops
+//! mid-response, a client that stops reading its response, an HTTP/2 client
+//! that gives a stream no flow-control window, and clients holding the admin
+//! port.
 
 use std::time::Duration;
 
@@ -1126,4 +1128,114 @@ async fn an_unfinished_request_body_keeps_its_upstream_connection_from_the_next_
         .await
         .expect("the cut-short request's upstream connection stayed open");
     assert_eq!(ended, Some(UpstreamSaw::End(0, b"hello".to_vec())));
+}
+
+/// Reads an HTTP/2 server's frames until `stream`'s response HEADERS (true)
+/// or the end of the connection (false: a GOAWAY closed it).
+async fn answered_on(conn: &mut tokio::net::TcpStream, stream: u32) -> bool {
+    let read = async {
+        let mut head = [0u8; 9];
+        while conn.read_exact(&mut head).await.is_ok() {
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]);
+            let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len as usize];
+            if conn.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+            match head[3] {
+                0x1 if id == stream => return true,
+                0x7 => return false,
+                _ => {}
+            }
+        }
+        false
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the server neither answered nor closed")
+}
+
+/// An HTTP/2 request whose header block carries what would end a header
+/// line on the HTTP/1.1 upstream (CR, LF, NUL in a value, in `:path` or in
+/// `:authority`), or a name HTTP/2 forbids (upper case), is refused before
+/// anything reaches the upstream: nothing the client wrote there can become
+/// a header or a request of its own. The same connection's next, honest
+/// request goes through alone, if the connection survived.
+#[tokio::test]
+async fn an_http2_header_cannot_inject_lines_into_the_upstream_request() {
+    let mut h = Harness::plaintext().await;
+    let host = h.host();
+    let smuggled = "x\r\nx-injected: 1\r\n\r\nGET /api/admin/x HTTP/1.1\r\nhost: upstream";
+    // (case, the header block of a GET for /public/x)
+    let literal = |name: &str, value: &str| {
+        let mut f = vec![0x00, u8::try_from(name.len()).unwrap()];
+        f.extend_from_slice(name.as_bytes());
+        f.push(u8::try_from(value.len()).unwrap());
+        f.extend_from_slice(value.as_bytes());
+        f
+    };
+    // A field whose name is the static table's entry `index`, not indexed.
+    let named = |index: u8, value: &str| {
+        let mut f = vec![index, u8::try_from(value.len()).unwrap()];
+        f.extend_from_slice(value.as_bytes());
+        f
+    };
+    let cases: [(&str, Vec<u8>); 5] = [
+        ("CR LF in a value", {
+            let mut b = get_headers(&host, "/public/x");
+            b.extend(literal("x-note", smuggled));
+            b
+        }),
+        ("NUL in a value", {
+            let mut b = get_headers(&host, "/public/x");
+            b.extend(literal("x-note", "a\0b"));
+            b
+        }),
+        ("upper case name", {
+            let mut b = get_headers(&host, "/public/x");
+            b.extend(literal("X-Note", "a"));
+            b
+        }),
+        ("CR LF in :path", {
+            let mut b = vec![0x82, 0x86];
+            b.extend(named(0x04, &format!("/public/x HTTP/1.1\r\n{smuggled}")));
+            b.extend(named(0x01, &host));
+            b
+        }),
+        ("CR LF in :authority", {
+            let mut b = vec![0x82, 0x86];
+            b.extend(named(0x04, "/public/x"));
+            b.extend(named(0x01, &format!("{host}\r\nx-injected: 1")));
+            b
+        }),
+    ];
+    // The same fields, well formed, go through: the refusals below are the
+    // bytes', not the frames'.
+    let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let mut block = vec![0x82, 0x86];
+    block.extend(named(0x04, "/public/x"));
+    block.extend(named(0x01, &host));
+    block.extend(literal("x-note", "fine"));
+    let mut out = h2_preface();
+    out.extend(frame(0x1, 0x5, 1, &block));
+    conn.write_all(&out).await.unwrap();
+    assert!(answered_on(&mut conn, 1).await);
+    let got = h.upstream_got();
+    assert_eq!(got.uri, "/public/x");
+    assert_eq!(got.headers["x-note"], "fine");
+    for (case, block) in cases {
+        let mut conn = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let mut out = h2_preface();
+        out.extend(frame(0x1, 0x5, 1, &block));
+        out.extend(frame(0x1, 0x5, 3, &get_headers(&host, "/public/honest")));
+        // The server may close before all of it is written.
+        let _ = conn.write_all(&out).await;
+        if answered_on(&mut conn, 3).await {
+            let got = h.upstream_got();
+            assert_eq!(got.uri, "/public/honest", "{case}");
+            assert!(!got.headers.contains_key("x-injected"), "{case}");
+            assert!(!got.headers.contains_key("x-note"), "{case}");
+        }
+        h.assert_upstream_untouched();
+    }
 }
