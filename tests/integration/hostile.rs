@@ -1239,3 +1239,37 @@ async fn an_http2_header_cannot_inject_lines_into_the_upstream_request() {
         h.assert_upstream_untouched();
     }
 }
+
+/// An HTTP/1.1 client that closes its connection mid-body, with a FIN or a
+/// reset, cannot be told from one that half-closed and still reads: both
+/// are logged as the body ended early (400), as nginx logs a client that
+/// closed while its body was read, whichever part of warden sees it first.
+/// (An HTTP/2 client's stream reset says it has gone: 499, above.)
+// Two workers: the log is read with a blocking wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_closing_mid_body_is_logged_as_the_body_cut_short() {
+    let h = Harness::plaintext().await;
+    let host = h.host();
+    for round in 0..8 {
+        let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let path = format!("/public/cut/{round}");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 10\r\n\r\nhello");
+        s.write_all(req.as_bytes()).await.unwrap();
+        if round % 2 == 1 {
+            // A reset rather than a FIN.
+            s.set_zero_linger().unwrap();
+        }
+        drop(s);
+        let line = h.next_log();
+        assert_eq!(
+            line["resource"],
+            format!("Http::Path::\"{path}\""),
+            "{line}"
+        );
+        assert_eq!(line["status"], 400, "round {round}: {line}");
+        assert_eq!(
+            line["reason"], "request body ended early: the connection closed",
+            "round {round}: {line}"
+        );
+    }
+}
