@@ -156,6 +156,10 @@ pub(super) struct Needs {
     tags: Option<HashSet<String>>,
     /// The `Http::Path` ids named, or `None` when a slot may name any.
     paths: Option<HashSet<String>>,
+    /// The length of the longest of `paths` (`usize::MAX` when any may be
+    /// named): no longer prefix of a request's path is looked up, so a path
+    /// of many segments costs time linear in its length, not its square.
+    longest_path: usize,
     /// The context attributes named, or `None` when the whole record may be
     /// observed.
     context: Option<HashSet<String>>,
@@ -222,9 +226,13 @@ impl Needs {
                 }
             }
         }
+        let longest_path = paths.as_ref().map_or(usize::MAX, |ids| {
+            ids.iter().map(String::len).max().unwrap_or_default()
+        });
         Self {
             tags,
             paths,
+            longest_path,
             context: (uses == named).then_some(context),
         }
     }
@@ -235,6 +243,7 @@ impl Needs {
         Self {
             tags: None,
             paths: None,
+            longest_path: usize::MAX,
             context: None,
         }
     }
@@ -260,7 +269,7 @@ impl Needs {
     }
 
     fn path(&self, id: &str) -> bool {
-        self.paths.as_ref().is_none_or(|ids| ids.contains(id))
+        id.len() <= self.longest_path && self.paths.as_ref().is_none_or(|ids| ids.contains(id))
     }
 }
 
@@ -520,7 +529,7 @@ fn principal_entities(names: &Names, caller: &Caller<'_>, out: &mut Vec<Arc<Enti
 fn path_entity(names: &Names, needs: &Needs, path: &str, service: EntityUID) -> Arc<Entity> {
     let mut parents = HashSet::with_capacity(4);
     parents.insert(service);
-    if !path.ends_with('/') {
+    if !path.ends_with('/') && path.len() < needs.longest_path {
         let mut dir = String::with_capacity(path.len() + 1);
         dir.push_str(path);
         dir.push('/');
@@ -529,6 +538,10 @@ fn path_entity(names: &Names, needs: &Needs, path: &str, service: EntityUID) -> 
         }
     }
     for (i, _) in path.match_indices('/') {
+        // The prefixes only grow: past the longest id named, none is named.
+        if i >= needs.longest_path {
+            break;
+        }
         let prefix = &path[..=i];
         if prefix != path && needs.path(prefix) {
             parents.insert(uid(&names.path, prefix));
@@ -791,6 +804,36 @@ permit (principal, action, resource) when {
             r#"permit (principal, action, resource) when { context has aws.org_id && context.jwt.iss == "i" };"#,
         );
         assert_eq!(keys(&nested.context), Some(vec!["aws", "jwt"]));
+    }
+
+    #[test]
+    fn a_path_of_many_segments_gets_the_named_prefixes_and_no_others() {
+        let n = needs(
+            r#"permit (principal, action, resource in Http::Path::"/api/v1/") when { resource in Http::Path::"/api/" };"#,
+        );
+        assert_eq!(n.longest_path, "/api/v1/".len());
+        let names = Names::new().expect("names");
+        let service = uid(&names.service, "svc");
+        let ids = |path: &str| {
+            let e = path_entity(&names, &n, path, service.clone());
+            let mut v: Vec<String> = e.ancestors().map(|a| a.eid().as_ref().to_owned()).collect();
+            v.sort_unstable();
+            v
+        };
+        // 20 000 segments: each prefix hashed in turn was 400 MB of hashing.
+        let long = format!("/api/v1/{}x", "a/".repeat(20_000));
+        assert_eq!(ids(&long), ["/api/", "/api/v1/", "svc"]);
+        assert_eq!(ids("/api/v1"), ["/api/", "/api/v1/", "svc"]);
+        assert_eq!(ids("/api/v2/x"), ["/api/", "svc"]);
+        assert_eq!(ids(&format!("/b/{}", "a/".repeat(20_000))), ["svc"]);
+
+        // With every prefix needed, every one is built, the bare path's
+        // directory form included.
+        let all = Needs::all();
+        let e = path_entity(&names, &all, "/a/b/c", service.clone());
+        let mut v: Vec<String> = e.ancestors().map(|a| a.eid().as_ref().to_owned()).collect();
+        v.sort_unstable();
+        assert_eq!(v, ["/", "/a/", "/a/b/", "/a/b/c/", "svc"]);
     }
 
     #[test]
