@@ -11,7 +11,10 @@
 //!
 //! The key is the request's own bytes, compared whole on a hit; the table is
 //! addressed by a keyed SipHash of them, so a client cannot aim collisions,
-//! and it is bounded like the verified-token cache.
+//! and it is bounded like the verified-token cache, in entries and in the
+//! bytes its keys hold: a key is as long as the request's path, which the
+//! client chooses, so without the second bound 4 096 paths of 30 KB made
+//! warden hold 120 MB more.
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
@@ -22,6 +25,12 @@ use crate::trace::Decision;
 
 /// Entries across shards.
 const ENTRIES: usize = 4096;
+/// Bytes of keys across shards: 4 096 keys of 256 bytes, far above a
+/// typical key (method, service, path and caller: about 100 bytes).
+const KEY_BYTES: usize = 1 << 20;
+/// The longest key kept. A longer one is decided each time instead: kept, a
+/// few of them would push the common short keys out.
+const MAX_KEY: usize = 2048;
 const SHARDS: usize = 8;
 
 /// Passes on a hash computed before the lookup.
@@ -45,7 +54,12 @@ impl Hasher for Prehashed {
     }
 }
 
-type Shard = HashMap<u64, (Box<[u8]>, Decision), BuildHasherDefault<Prehashed>>;
+#[derive(Default)]
+struct Shard {
+    entries: HashMap<u64, (Box<[u8]>, Decision), BuildHasherDefault<Prehashed>>,
+    /// The bytes of the keys in `entries`.
+    key_bytes: usize,
+}
 
 pub(super) struct DecisionCache {
     hasher: RandomState,
@@ -70,30 +84,40 @@ impl DecisionCache {
         let (hash, shard) = self.slot(key);
         let shard = shard?.lock().ok()?;
         shard
+            .entries
             .get(&hash)
             .filter(|(k, _)| **k == *key)
             .map(|(_, d)| d.clone())
     }
 
     pub(super) fn insert(&self, key: &[u8], decision: Decision) {
+        if key.len() > MAX_KEY {
+            return;
+        }
         let (hash, shard) = self.slot(key);
         let Some(Ok(mut shard)) = shard.map(|s| s.lock()) else {
             return;
         };
-        if shard.len() >= ENTRIES / SHARDS {
+        if shard.entries.len() >= ENTRIES / SHARDS
+            || shard.key_bytes + key.len() > KEY_BYTES / SHARDS
+        {
             // Bounded: drop this shard's entries rather than grow.
-            shard.clear();
+            shard.entries.clear();
+            shard.key_bytes = 0;
         }
         // A different key with the same hash is replaced: a miss, never a
         // wrong hit, since a hit compares the whole key.
-        shard.insert(hash, (key.into(), decision));
+        if let Some((old, _)) = shard.entries.insert(hash, (key.into(), decision)) {
+            shard.key_bytes = shard.key_bytes.saturating_sub(old.len());
+        }
+        shard.key_bytes += key.len();
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().map_or(0, |s| s.len()))
+            .map(|s| s.lock().map_or(0, |s| s.entries.len()))
             .sum()
     }
 }
@@ -130,6 +154,7 @@ mod tests {
             .expect("shard")
             .lock()
             .expect("lock")
+            .entries
             .insert(hash, (Box::from(&b"another"[..]), decision(true)));
         assert!(cache.get(b"one").is_none());
     }
@@ -142,5 +167,28 @@ mod tests {
         }
         assert!(cache.len() <= ENTRIES, "{}", cache.len());
         assert!(cache.len() > 0);
+    }
+
+    #[test]
+    fn long_keys_are_bounded_in_bytes_too() {
+        let cache = DecisionCache::new();
+        // Paths a client chose: at the longest key kept, then beyond it.
+        for i in 0..ENTRIES * 2 {
+            let key = format!("GET /{i}/{}", "a".repeat(MAX_KEY));
+            cache.insert(&key.as_bytes()[..MAX_KEY], decision(true));
+        }
+        let mut total = 0;
+        for shard in &cache.shards {
+            let shard = shard.lock().expect("lock");
+            let held: usize = shard.entries.values().map(|(k, _)| k.len()).sum();
+            // The running count is what the shard holds.
+            assert_eq!(shard.key_bytes, held);
+            total += held;
+        }
+        assert!(total <= KEY_BYTES, "{total}");
+        assert!(cache.len() > 0);
+        let long = format!("GET /{}", "a".repeat(MAX_KEY));
+        cache.insert(long.as_bytes(), decision(true));
+        assert!(cache.get(long.as_bytes()).is_none());
     }
 }
