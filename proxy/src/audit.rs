@@ -2,14 +2,21 @@
 //!
 //! Lines are handed to a dedicated writer thread through a bounded channel so
 //! the request path never blocks on stdout; if the writer falls behind, lines
-//! are dropped and counted rather than queued without bound.
+//! are dropped and counted rather than queued without bound. The bound is in
+//! lines and in bytes: a line holds the request's path, which the client
+//! chose, so 8 192 lines could otherwise be 8 192 paths of 30 KB.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
 const QUEUE: usize = 8192;
+/// Bytes of lines queued at most: [`QUEUE`] lines of 1 KiB, where a typical
+/// line is 300–400 bytes.
+const QUEUE_BYTES: usize = QUEUE * 1024;
+/// What the writer's batch buffer keeps between batches.
+const BATCH_CAPACITY: usize = 64 * 1024;
 
 /// How long the writer thread lets lines gather after writing a batch. While
 /// it waits, senders find no parked receiver to wake, so under load the
@@ -27,33 +34,42 @@ pub struct DecisionLog {
     /// Lines queued, and lines the stdout writer has written (None: no writer).
     sent: Arc<AtomicU64>,
     written: Option<Arc<AtomicU64>>,
+    /// Bytes of the lines queued and not yet taken by the writer (None: the
+    /// lines go to a test, bounded in number only).
+    queued: Option<Arc<AtomicUsize>>,
 }
 
 impl DecisionLog {
     /// Writes to stdout from a background thread.
     pub fn stdout() -> Self {
+        Self::to_writer(std::io::stdout())
+    }
+
+    /// Writes to `out` from a background thread, a batch at a time.
+    fn to_writer(mut out: impl Write + Send + 'static) -> Self {
         let (tx, rx) = sync_channel::<String>(QUEUE);
         let written = Arc::new(AtomicU64::new(0));
-        let count = written.clone();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (count, taken) = (written.clone(), queued.clone());
         let spawned = std::thread::Builder::new()
             .name("decision-log".into())
             .spawn(move || {
-                let stdout = std::io::stdout();
                 // One write per batch: stdout is line-buffered, so lines
                 // written one by one would cost a system call each.
-                let mut batch = Vec::with_capacity(64 * 1024);
+                let mut batch = Vec::with_capacity(BATCH_CAPACITY);
                 while let Ok(line) = rx.recv() {
                     batch.clear();
                     let mut n = 0;
                     for line in std::iter::once(line).chain(rx.try_iter().take(QUEUE)) {
+                        taken.fetch_sub(line.len(), Ordering::AcqRel);
                         batch.extend_from_slice(line.as_bytes());
                         batch.push(b'\n');
                         n += 1;
                     }
-                    let mut out = stdout.lock();
                     let _ = out.write_all(&batch);
                     let _ = out.flush();
-                    drop(out);
+                    // A batch of long lines leaves no large buffer behind.
+                    batch.shrink_to(BATCH_CAPACITY);
                     count.fetch_add(n, Ordering::Release);
                     std::thread::sleep(BATCH);
                 }
@@ -64,6 +80,7 @@ impl DecisionLog {
                 dropped: Arc::default(),
                 sent: Arc::default(),
                 written: Some(written),
+                queued: Some(queued),
             },
             Err(_) => Self::disabled(),
         }
@@ -91,6 +108,7 @@ impl DecisionLog {
                 dropped: Arc::default(),
                 sent: Arc::default(),
                 written: None,
+                queued: None,
             },
             rx,
         )
@@ -102,24 +120,106 @@ impl DecisionLog {
             dropped: Arc::default(),
             sent: Arc::default(),
             written: None,
+            queued: None,
         }
     }
 
     pub fn write(&self, line: String) {
-        if let Some(tx) = &self.tx {
-            match tx.try_send(line) {
-                Ok(()) => {
-                    self.sent.fetch_add(1, Ordering::Release);
-                }
-                Err(TrySendError::Full(_)) => {
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(TrySendError::Disconnected(_)) => {}
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        let len = line.len();
+        // Counted before it is sent, so the writer's count never dips below
+        // zero.
+        let over =
+            |queued: &AtomicUsize| queued.fetch_add(len, Ordering::AcqRel) + len > QUEUE_BYTES;
+        let sent = match &self.queued {
+            Some(queued) if over(queued) => false,
+            _ => tx.try_send(line).is_ok(),
+        };
+        if sent {
+            self.sent.fetch_add(1, Ordering::Release);
+        } else {
+            if let Some(queued) = &self.queued {
+                queued.fetch_sub(len, Ordering::AcqRel);
             }
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::{channel, Receiver as Gate};
+    use std::sync::Mutex;
+
+    /// A writer that writes nothing until the gate opens, as a stalled
+    /// stdout would.
+    struct Stalled {
+        gate: Option<Gate<()>>,
+        out: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Some(gate) = self.gate.take() {
+                let _ = gate.recv();
+            }
+            self.out.lock().expect("out").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_writer_holds_no_more_than_the_byte_bound() {
+        let (open, gate) = channel();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let log = DecisionLog::to_writer(Stalled {
+            gate: Some(gate),
+            out: out.clone(),
+        });
+        // Lines of 30 KB, as a client's long paths make them: the line
+        // bound alone would queue 8 192 of them, 240 MB.
+        let line = "x".repeat(30 * 1024);
+        let tries = 1_000;
+        for _ in 0..tries {
+            log.write(line.clone());
+            let queued = log
+                .queued
+                .as_ref()
+                .expect("counted")
+                .load(Ordering::Acquire);
+            assert!(queued <= QUEUE_BYTES, "{queued}");
+        }
+        let sent = log.sent.load(Ordering::Acquire);
+        assert!(sent < tries, "{sent}");
+        assert_eq!(sent + log.dropped(), tries);
+
+        // Once the writer moves, every line taken is written whole.
+        open.send(()).expect("open");
+        log.flush();
+        let out = out.lock().expect("out");
+        let lines: Vec<&[u8]> = out
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        assert_eq!(lines.len() as u64, sent);
+        assert!(lines.iter().all(|l| *l == line.as_bytes()));
+        assert_eq!(
+            log.queued
+                .as_ref()
+                .expect("counted")
+                .load(Ordering::Acquire),
+            0
+        );
     }
 }
