@@ -12,10 +12,11 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
 const QUEUE: usize = 8192;
-/// Bytes of lines queued at most: [`QUEUE`] lines of 1 KiB, where a typical
-/// line is 300–400 bytes.
-const QUEUE_BYTES: usize = QUEUE * 1024;
-/// What the writer's batch buffer keeps between batches.
+/// Bytes of lines queued at most: [`QUEUE`] lines of 512 bytes, where a
+/// typical line is 300–400 bytes.
+const QUEUE_BYTES: usize = QUEUE * 512;
+/// The writer writes its buffer out whenever it holds this much, and keeps no
+/// more than this between batches.
 const BATCH_CAPACITY: usize = 64 * 1024;
 
 /// How long the writer thread lets lines gather after writing a batch. While
@@ -54,8 +55,9 @@ impl DecisionLog {
         let spawned = std::thread::Builder::new()
             .name("decision-log".into())
             .spawn(move || {
-                // One write per batch: stdout is line-buffered, so lines
-                // written one by one would cost a system call each.
+                // One write per batch (or per 64 KiB of it): stdout is
+                // line-buffered, so lines written one by one would cost a
+                // system call each.
                 let mut batch = Vec::with_capacity(BATCH_CAPACITY);
                 while let Ok(line) = rx.recv() {
                     batch.clear();
@@ -65,6 +67,10 @@ impl DecisionLog {
                         batch.extend_from_slice(line.as_bytes());
                         batch.push(b'\n');
                         n += 1;
+                        if batch.len() >= BATCH_CAPACITY {
+                            let _ = out.write_all(&batch);
+                            batch.clear();
+                        }
                     }
                     let _ = out.write_all(&batch);
                     let _ = out.flush();
@@ -163,6 +169,8 @@ mod tests {
     struct Stalled {
         gate: Option<Gate<()>>,
         out: Arc<Mutex<Vec<u8>>>,
+        /// The longest single write.
+        longest: Arc<AtomicUsize>,
     }
 
     impl Write for Stalled {
@@ -171,6 +179,7 @@ mod tests {
                 let _ = gate.recv();
             }
             self.out.lock().expect("out").extend_from_slice(buf);
+            self.longest.fetch_max(buf.len(), Ordering::AcqRel);
             Ok(buf.len())
         }
 
@@ -183,9 +192,11 @@ mod tests {
     fn a_stalled_writer_holds_no_more_than_the_byte_bound() {
         let (open, gate) = channel();
         let out = Arc::new(Mutex::new(Vec::new()));
+        let longest = Arc::new(AtomicUsize::new(0));
         let log = DecisionLog::to_writer(Stalled {
             gate: Some(gate),
             out: out.clone(),
+            longest: longest.clone(),
         });
         // Lines of 30 KB, as a client's long paths make them: the line
         // bound alone would queue 8 192 of them, 240 MB.
@@ -214,6 +225,9 @@ mod tests {
             .collect();
         assert_eq!(lines.len() as u64, sent);
         assert!(lines.iter().all(|l| *l == line.as_bytes()));
+        // Written a piece at a time, not as one buffer of the whole queue.
+        let longest = longest.load(Ordering::Acquire);
+        assert!(longest < BATCH_CAPACITY + line.len() + 1, "{longest}");
         assert_eq!(
             log.queued
                 .as_ref()
