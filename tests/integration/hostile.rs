@@ -15,7 +15,7 @@ use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warden::devkit::Conn;
 
-use super::harness::{Harness, Options, ACCESS_KEY, REGION, SERVICE};
+use super::harness::{Harness, Options, Signing, REGION};
 
 #[tokio::test]
 async fn a_head_sent_one_byte_per_second_is_cut_off_at_the_header_timeout() {
@@ -587,11 +587,14 @@ async fn a_body_that_stops_arriving_is_a_request_timeout() {
     })
     .await;
     let host = h.host();
-    let sigv4 = format!(
-        "Authorization: AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/20260101/{REGION}/{SERVICE}/aws4_request, \
-         SignedHeaders=host;x-amz-date, Signature={}\r\nX-Amz-Date: 20260101T000000Z\r\n",
-        "0".repeat(64)
-    );
+    // Signed now with the known key, so that the body must be read to check
+    // it (a stale or unknown credential is refused before).
+    let sigv4: String = h
+        .sign("GET", "/public/x", b"helloworld", Signing::default())
+        .into_iter()
+        .filter(|(k, _)| k != "host")
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     for (case, credential) in [("streamed", String::new()), ("buffered for SigV4", sigv4)] {
         let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
         let head = format!(
@@ -613,6 +616,66 @@ async fn a_body_that_stops_arriving_is_a_request_timeout() {
         .series(r#"warden_upstream_errors_total{kind="timeout"}"#)
         .await;
     assert_eq!(timeouts, Some(0));
+}
+
+/// A SigV4 request whose body must be hashed (no `x-amz-content-sha256`) is
+/// refused before its body is read when its credential cannot be good: an
+/// unknown access key, a signing time out of the window, a foreign region.
+/// The client learns it without uploading the body, and a client with no
+/// key cannot make warden buffer one.
+#[tokio::test]
+async fn a_credential_that_cannot_be_good_is_refused_before_the_body() {
+    let mut h = Harness::plaintext().await;
+    let host = h.host();
+    let headers = |how: Signing<'_>| -> String {
+        h.sign("POST", "/api/orders/", b"", how)
+            .into_iter()
+            .filter(|(k, _)| k != "host")
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect()
+    };
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    let now = headers(Signing::default());
+    let foreign = now.replace(&format!("/{REGION}/"), "/eu-west-9/");
+    assert_ne!(now, foreign);
+    for (case, credential, reason) in [
+        (
+            "unknown key",
+            headers(Signing {
+                access_key_id: "AKIDNOTAKEYWARDENHAS",
+                ..Signing::default()
+            }),
+            "unknown access key",
+        ),
+        (
+            "stale",
+            headers(Signing {
+                time: hour_ago,
+                ..Signing::default()
+            }),
+            "request expired",
+        ),
+        (
+            "foreign region",
+            foreign,
+            "credential scope does not match: region",
+        ),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let head = format!(
+            "POST /api/orders/ HTTP/1.1\r\nHost: {host}\r\n{credential}Content-Length: 1000\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        // No byte of the body is sent: the answer must come without it.
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("{case}: no answer before the body"));
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 401 "), "{case}: {answer}");
+        assert!(answer.contains(reason), "{case}: {answer}");
+    }
+    h.assert_upstream_untouched();
 }
 
 /// Reads a request head (an upstream's view); `None` if the connection ends

@@ -261,12 +261,49 @@ fn has_presigned_query(query: Option<&str>) -> bool {
     })
 }
 
-/// The request as SigV4 sees it: method, raw target, headers.
+/// The request as SigV4 sees it: method, raw target (the normalized URI's
+/// where no raw target was recorded), headers.
 struct SigV4View<'a> {
     method: &'a str,
-    raw: &'a RawTarget,
+    raw: Option<&'a RawTarget>,
+    uri: &'a http::Uri,
     headers: &'a HeaderMap,
-    authority: Option<&'a str>,
+}
+
+impl<'a> SigV4View<'a> {
+    fn of(req: &'a Request<Body>) -> Self {
+        Self {
+            method: req.method().as_str(),
+            raw: req.extensions().get::<RawTarget>(),
+            uri: req.uri(),
+            headers: req.headers(),
+        }
+    }
+
+    fn raw_path(&self) -> &'a str {
+        self.raw.map_or(self.uri.path(), |r| &r.path)
+    }
+
+    fn raw_query(&self) -> Option<&'a str> {
+        match self.raw {
+            Some(r) => r.query.as_deref(),
+            None => self.uri.query(),
+        }
+    }
+}
+
+/// The SigV4 credential of the `Authorization` header, or of the presigned
+/// query.
+fn parse_credential(req: &Request<Body>, presigned: bool) -> Result<sigv4::Auth, sigv4::SigError> {
+    if presigned {
+        sigv4::parse_presigned(SigV4View::of(req).raw_query().unwrap_or(""))
+    } else {
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(sigv4::SigError::Malformed("not visible ASCII"))
+            .and_then(sigv4::parse_authorization)
+    }
 }
 
 impl sigv4::SignedRequest for SigV4View<'_> {
@@ -274,15 +311,15 @@ impl sigv4::SignedRequest for SigV4View<'_> {
         self.method
     }
     fn raw_path(&self) -> &str {
-        &self.raw.path
+        SigV4View::raw_path(self)
     }
     fn raw_query(&self) -> Option<&str> {
-        self.raw.query.as_deref()
+        SigV4View::raw_query(self)
     }
     fn header_values<'v>(&'v self, name: &str) -> impl Iterator<Item = &'v [u8]> {
         let mut values = self.headers.get_all(name).iter().peekable();
         let authority = match values.peek() {
-            None if name == "host" => self.authority,
+            None if name == "host" => self.uri.authority().map(|a| a.as_str()),
             _ => None,
         };
         values
@@ -393,8 +430,14 @@ async fn authenticate_sigv4(
         return Err(unauth("sigv4", "not_configured", "sigv4 is not configured"));
     };
     let mode = payload_mode(req.headers())?;
+    let auth = parse_credential(&req, presigned).map_err(sig_err)?;
     let (req, body_hash) = match mode {
         PayloadMode::Compute => {
+            // Refused now if it can be, before the body is read.
+            state
+                .verifier
+                .precheck(&SigV4View::of(&req), &auth, SystemTime::now())
+                .map_err(sig_err)?;
             let (parts, bytes) = buffer_body(req, state.max_body, state.body_timeout).await?;
             let hash = sigv4::sha256_hex(&bytes);
             (Request::from_parts(parts, body::full(bytes)), hash)
@@ -403,30 +446,9 @@ async fn authenticate_sigv4(
         PayloadMode::Declared(h) => (req, h),
     };
     let (credential, verified_declared) = {
-        let missing = RawTarget {
-            path: req.uri().path().to_owned(),
-            query: req.uri().query().map(str::to_owned),
-        };
-        let raw = req.extensions().get::<RawTarget>().unwrap_or(&missing);
-        let auth = if presigned {
-            sigv4::parse_presigned(raw.query.as_deref().unwrap_or(""))
-        } else {
-            req.headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .ok_or(sigv4::SigError::Malformed("not visible ASCII"))
-                .and_then(sigv4::parse_authorization)
-        }
-        .map_err(sig_err)?;
-        let view = SigV4View {
-            method: req.method().as_str(),
-            raw,
-            headers: req.headers(),
-            authority: req.uri().authority().map(|a| a.as_str()),
-        };
         let verified = state
             .verifier
-            .verify(&view, &auth, &body_hash, SystemTime::now())
+            .verify(&SigV4View::of(&req), &auth, &body_hash, SystemTime::now())
             .map_err(sig_err)?;
         let declared = matches!(payload_mode(req.headers()), Ok(PayloadMode::Declared(_)));
         (verified.credential, declared)

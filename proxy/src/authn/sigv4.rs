@@ -888,15 +888,34 @@ impl Verifier {
         self
     }
 
-    /// Checks the signature of `req` given its parsed credential and the
-    /// payload hash to put in the canonical request.
-    pub fn verify<'s>(
-        &'s self,
+    /// What can be refused before the body is read and before any secret is
+    /// used: the credential's scope, the headers that must be signed, the
+    /// signing time's window, and an access key warden does not know. A
+    /// request whose body must be hashed is checked this far first, so a
+    /// client learns its mistake without uploading the body (and a client
+    /// with no known key cannot make warden buffer one).
+    pub fn precheck(
+        &self,
         req: &impl SignedRequest,
         auth: &Auth,
-        payload_hash: &str,
         now: SystemTime,
-    ) -> Result<Verified<'s>, SigError> {
+    ) -> Result<(), SigError> {
+        self.scope_and_window(req, auth, now)?;
+        if !self.credentials.contains_key(&auth.access_key_id) {
+            return Err(SigError::UnknownAccessKey);
+        }
+        Ok(())
+    }
+
+    /// The scope, the headers that must be signed and the signing time's
+    /// window: the `x-amz-date` (or presigned date) as sent, the signing
+    /// time, and the end of the window.
+    fn scope_and_window<'r>(
+        &self,
+        req: &'r impl SignedRequest,
+        auth: &'r Auth,
+        now: SystemTime,
+    ) -> Result<(&'r str, SystemTime, SystemTime), SigError> {
         match auth.algorithm {
             SigAlg::V4 if !self.regions.contains(&auth.region) => {
                 return Err(SigError::WrongScope("region"));
@@ -964,6 +983,19 @@ impl Verifier {
         {
             return Err(SigError::NotYetValid);
         }
+        Ok((amz_date, signed_at, valid_until))
+    }
+
+    /// Checks the signature of `req` given its parsed credential and the
+    /// payload hash to put in the canonical request.
+    pub fn verify<'s>(
+        &'s self,
+        req: &impl SignedRequest,
+        auth: &Auth,
+        payload_hash: &str,
+        now: SystemTime,
+    ) -> Result<Verified<'s>, SigError> {
+        let (amz_date, signed_at, valid_until) = self.scope_and_window(req, auth, now)?;
         let canonical = canonical_request(
             req,
             &auth.signed_headers,
