@@ -157,6 +157,11 @@ impl App {
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::register(&mut registry));
         registry.register_collector(Box::new(crate::process::ProcessCollector::new()));
+        registry.register(
+            "warden_decision_log_dropped",
+            "Decision-log lines dropped because stdout fell behind (the queue holds 8 192 lines or 4 MiB)",
+            log.dropped(),
+        );
         metrics.zero_decisions(cfg.authz.mode.as_str());
         metrics
             .policy_reloads

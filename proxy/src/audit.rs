@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
+use prometheus_client::metrics::counter::Counter;
+
 const QUEUE: usize = 8192;
 /// Bytes of lines queued at most: [`QUEUE`] lines of 512 bytes, where a
 /// typical line is 300–400 bytes.
@@ -31,7 +33,8 @@ const BATCH: std::time::Duration = std::time::Duration::from_millis(50);
 #[derive(Debug, Clone)]
 pub struct DecisionLog {
     tx: Option<SyncSender<String>>,
-    dropped: Arc<AtomicU64>,
+    /// Lines dropped, as `warden_decision_log_dropped_total` shows them.
+    dropped: Counter,
     /// Lines queued, and lines the stdout writer has written (None: no writer).
     sent: Arc<AtomicU64>,
     written: Option<Arc<AtomicU64>>,
@@ -83,7 +86,7 @@ impl DecisionLog {
         match spawned {
             Ok(_) => Self {
                 tx: Some(tx),
-                dropped: Arc::default(),
+                dropped: Counter::default(),
                 sent: Arc::default(),
                 written: Some(written),
                 queued: Some(queued),
@@ -111,7 +114,7 @@ impl DecisionLog {
         (
             Self {
                 tx: Some(tx),
-                dropped: Arc::default(),
+                dropped: Counter::default(),
                 sent: Arc::default(),
                 written: None,
                 queued: None,
@@ -123,7 +126,7 @@ impl DecisionLog {
     pub fn disabled() -> Self {
         Self {
             tx: None,
-            dropped: Arc::default(),
+            dropped: Counter::default(),
             sent: Arc::default(),
             written: None,
             queued: None,
@@ -149,12 +152,13 @@ impl DecisionLog {
             if let Some(queued) = &self.queued {
                 queued.fetch_sub(len, Ordering::AcqRel);
             }
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
         }
     }
 
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+    /// The count of lines dropped, shared with whoever registers it.
+    pub fn dropped(&self) -> Counter {
+        self.dropped.clone()
     }
 }
 
@@ -213,7 +217,7 @@ mod tests {
         }
         let sent = log.sent.load(Ordering::Acquire);
         assert!(sent < tries, "{sent}");
-        assert_eq!(sent + log.dropped(), tries);
+        assert_eq!(sent + log.dropped().get(), tries);
 
         // Once the writer moves, every line taken is written whole.
         open.send(()).expect("open");

@@ -620,6 +620,7 @@ async fn every_metric_family_is_exported_before_its_first_event() {
         "warden_upstream_errors_total{kind=\"timeout\"} 0",
         "warden_upstream_errors_total{kind=\"protocol\"} 0",
         "warden_cert_reloads_total{result=\"ok\"} 0",
+        "warden_decision_log_dropped_total 0",
         "warden_cert_reloads_total{result=\"error\"} 0",
         "warden_policy_reloads_total{result=\"error\"} 0",
         "warden_authz_decisions_total{decision=\"allow\",mode=\"enforce\"} 0",
