@@ -589,23 +589,12 @@ async fn a_body_that_stops_arriving_is_a_request_timeout() {
     let host = h.host();
     // Signed now with the known key, so that the body must be read to check
     // it (a stale or unknown credential is refused before).
-    let sigv4: String = h
-        .sign("GET", "/public/x", b"helloworld", Signing::default())
-        .into_iter()
-        .filter(|(k, _)| k != "host")
-        .map(|(k, v)| format!("{k}: {v}\r\n"))
-        .collect();
+    let sigv4 = signed_lines(&h, "GET", "/public/x", b"helloworld", Signing::default());
     for (case, credential) in [("streamed", String::new()), ("buffered for SigV4", sigv4)] {
-        let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
         let head = format!(
             "GET /public/x HTTP/1.1\r\nHost: {host}\r\n{credential}Content-Length: 10\r\n\r\nhello"
         );
-        s.write_all(head.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
-            .await
-            .unwrap_or_else(|_| panic!("{case}: no answer to a stalled body"));
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = answer_to(&h, &head, case).await;
         assert!(answer.starts_with("HTTP/1.1 408 "), "{case}: {answer}");
         assert!(
             answer.contains(r#""error":"request_timeout""#),
@@ -627,13 +616,7 @@ async fn a_body_that_stops_arriving_is_a_request_timeout() {
 async fn a_credential_that_cannot_be_good_is_refused_before_the_body() {
     let mut h = Harness::plaintext().await;
     let host = h.host();
-    let headers = |how: Signing<'_>| -> String {
-        h.sign("POST", "/api/orders/", b"", how)
-            .into_iter()
-            .filter(|(k, _)| k != "host")
-            .map(|(k, v)| format!("{k}: {v}\r\n"))
-            .collect()
-    };
+    let headers = |how: Signing<'_>| signed_lines(&h, "POST", "/api/orders/", b"", how);
     let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
     let now = headers(Signing::default());
     let foreign = now.replace(&format!("/{REGION}/"), "/eu-west-9/");
@@ -661,21 +644,36 @@ async fn a_credential_that_cannot_be_good_is_refused_before_the_body() {
             "credential scope does not match: region",
         ),
     ] {
-        let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        // No byte of the body is sent: the answer must come without it.
         let head = format!(
             "POST /api/orders/ HTTP/1.1\r\nHost: {host}\r\n{credential}Content-Length: 1000\r\n\r\n"
         );
-        s.write_all(head.as_bytes()).await.unwrap();
-        // No byte of the body is sent: the answer must come without it.
-        let mut answer = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
-            .await
-            .unwrap_or_else(|_| panic!("{case}: no answer before the body"));
-        let answer = String::from_utf8_lossy(&answer);
+        let answer = answer_to(&h, &head, case).await;
         assert!(answer.starts_with("HTTP/1.1 401 "), "{case}: {answer}");
         assert!(answer.contains(reason), "{case}: {answer}");
     }
     h.assert_upstream_untouched();
+}
+
+/// The SigV4 headers for `method path` with `body`, signed as `how` says,
+/// as request-head lines (`host` left to the head itself).
+fn signed_lines(h: &Harness, method: &str, path: &str, body: &[u8], how: Signing<'_>) -> String {
+    h.sign(method, path, body, how)
+        .into_iter()
+        .filter(|(k, _)| k != "host")
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect()
+}
+
+/// Sends `head` on a new connection and reads until warden closes it.
+async fn answer_to(h: &Harness, head: &str, case: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .unwrap_or_else(|_| panic!("{case}: no answer"));
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 /// Reads a request head (an upstream's view); `None` if the connection ends
