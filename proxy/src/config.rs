@@ -337,6 +337,13 @@ pub struct StsConfig {
     pub cache_ttl: Duration,
     /// PEM CA bundle trusted for the endpoint (default: the Mozilla roots).
     pub ca_file: Option<PathBuf>,
+    /// STS calls under way at once; a token that would need one more is 503.
+    #[serde(default = "default_sts_concurrent")]
+    pub max_concurrent: usize,
+}
+
+fn default_sts_concurrent() -> usize {
+    64
 }
 
 fn default_audience_header() -> String {
@@ -793,6 +800,11 @@ impl Config {
                     sts.audience_header
                 )));
             }
+            if sts.max_concurrent == 0 {
+                return Err(ConfigError::new(
+                    "[authn.sts] `max_concurrent` must be at least 1",
+                ));
+            }
         }
         let mut clusters = std::collections::BTreeSet::new();
         let mut issuers = std::collections::BTreeSet::new();
@@ -1037,5 +1049,22 @@ mod tests {
         assert!(cfg.validate().is_ok());
         let cfg = parse("[authn.sts]\nendpoint = \"http://sts.amazonaws.com\"\n").unwrap();
         assert!(cfg.validate().unwrap_err().0.contains("https"));
+    }
+
+    #[test]
+    fn sts_calls_at_once_default_to_64_and_are_at_least_one() {
+        let sts = "[authn.sts]\nendpoint = \"https://sts.amazonaws.com\"\n";
+        let cfg = parse(sts).unwrap();
+        assert_eq!(cfg.authn.sts.as_ref().unwrap().max_concurrent, 64);
+        let cfg = parse(&format!("{sts}max_concurrent = 0\n")).unwrap();
+        let err = cfg.validate().unwrap_err();
+        assert!(
+            err.0.contains("`max_concurrent` must be at least 1"),
+            "{err}"
+        );
+        assert!(parse(&format!("{sts}max_concurrent = 1\n"))
+            .unwrap()
+            .validate()
+            .is_ok());
     }
 }

@@ -183,7 +183,8 @@ class KeyServer:
 class MotoSts:
     """moto's STS backend on a loopback port. moto reads the caller's access
     key only from an Authorization header, so presigned GETs get one made
-    from their X-Amz-Credential. Counts requests; can be switched off (503)."""
+    from their X-Amz-Credential. Counts requests; can be switched off (503),
+    or held (`gate` cleared) so that calls stay under way until it is set."""
 
     def __init__(self):
         import urllib.parse
@@ -193,14 +194,20 @@ class MotoSts:
         app = create_backend_app("sts")
         self.requests = 0
         self.up = True
+        self.gate = threading.Event()
+        self.gate.set()
+        self.counted = threading.Condition()
         outer = self
 
         def wrapped(environ, start_response):
             qs = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
             cred = qs.get("X-Amz-Credential", [None])[0]
             if environ["REQUEST_METHOD"] == "GET":
-                outer.requests += 1
+                with outer.counted:
+                    outer.requests += 1
+                    outer.counted.notify_all()
                 outer.last_audience = environ.get("HTTP_X_K8S_AWS_ID")
+                outer.gate.wait(timeout=30)
                 if not outer.up:
                     start_response("503 Service Unavailable", [("content-length", "0")])
                     return [b""]
@@ -209,10 +216,15 @@ class MotoSts:
                     f"AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders=host, Signature=0")
             return app(environ, start_response)
 
-        self.server = make_server("127.0.0.1", 0, wrapped)
+        self.server = make_server("127.0.0.1", 0, wrapped, threaded=True)
         self.port = self.server.server_port
         self.url = f"http://127.0.0.1:{self.port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for_requests(self, n):
+        with self.counted:
+            assert self.counted.wait_for(lambda: self.requests >= n, timeout=30), (
+                f"STS got {self.requests} requests, not {n}")
 
 
 class Warden:
@@ -253,6 +265,7 @@ accounts = {{ "123456789012" = "o-exampleorgid" }}
 [authn.sts]
 endpoint = "http://127.0.0.1:{sts_port}"
 cache_ttl = "5m"
+max_concurrent = 2
 
 [[authn.jwt]]
 issuer = "{ISSUER}"

@@ -4,6 +4,7 @@ become the role principal; malformed ones are refused before STS is asked;
 STS down is 503."""
 
 import base64
+import concurrent.futures
 import os
 import subprocess
 import time
@@ -126,6 +127,29 @@ def test_sts_down_is_503(env):
     # token works once STS is back.
     status, body = call(env, mint(env, creds))
     assert status == 200, body
+
+
+def test_past_max_concurrent_sts_calls_a_new_token_is_503_at_once(env):
+    # `max_concurrent = 2`: two calls held at STS fill it; a third token is
+    # refused without being sent, and gets its call once the two are done.
+    tokens = [mint(env, assume(env, f"burst-{i}")) for i in range(3)]
+    before = env.sts.requests
+    env.sts.gate.clear()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            held = [pool.submit(call, env, t) for t in tokens[:2]]
+            env.sts.wait_for_requests(before + 2)
+            status, body = call(env, tokens[2])
+            assert status == 503, body
+            assert (body["error"], body["reason"]) == ("unavailable", "too many sts calls in progress")
+            assert env.sts.requests == before + 2, "the third token was sent to STS"
+            env.sts.gate.set()
+            assert [f.result()[0] for f in held] == [200, 200]
+    finally:
+        env.sts.gate.set()
+    status, body = call(env, tokens[2])
+    assert status == 200, body
+    assert env.sts.requests == before + 3
 
 
 def test_warden_token_sts_cli(env, creds):

@@ -594,7 +594,7 @@ async fn authenticate(
                 ));
             };
             let id = verifier.verify(&token).await.map_err(|e| match e {
-                sts::StsError::Unavailable => ProxyError::Unavailable {
+                sts::StsError::Unavailable | sts::StsError::Busy => ProxyError::Unavailable {
                     reason: e.to_string().into(),
                     retry_after: std::time::Duration::from_secs(1),
                 },

@@ -9,9 +9,16 @@
 //! verifies the signature, so a token minted for another audience fails
 //! there — and the answered ARN becomes the principal. Verdicts are cached
 //! until the token's window ends; failures are never cached.
+//!
+//! STS is a remote service with its own rate limits, and any client can make
+//! a token that passes the local checks. So requests carrying the same token
+//! at once share one call, and at most `max_concurrent` calls are under way:
+//! a token that would need one more is refused with 503 at once rather than
+//! queued, so a flood of made-up tokens holds no more than that many of the
+//! request slots other callers need.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -60,6 +67,9 @@ pub enum StsError {
     /// STS could not be asked: 503, not 401.
     #[error("sts is unavailable")]
     Unavailable,
+    /// `max_concurrent` calls are under way already: 503, not 401.
+    #[error("too many sts calls in progress")]
+    Busy,
 }
 
 impl StsError {
@@ -70,6 +80,7 @@ impl StsError {
             Self::Rejected => "rejected",
             Self::Principal => "principal",
             Self::Unavailable => "unavailable",
+            Self::Busy => "busy",
         }
     }
 }
@@ -91,6 +102,67 @@ pub struct StsVerifier {
     cache_ttl: Duration,
     fetcher: Fetcher,
     cache: Mutex<HashMap<[u8; 32], (StsIdentity, SystemTime)>>,
+    /// One permit per STS call under way.
+    calls: tokio::sync::Semaphore,
+    flights: Flights,
+}
+
+type Verdict = Result<StsIdentity, StsError>;
+
+/// The STS calls under way, by the digest of their token.
+type Flights = Mutex<HashMap<[u8; 32], Arc<tokio::sync::OnceCell<Verdict>>>>;
+
+/// A request's share of a call: the last one to leave, whether the call
+/// ended or every request waiting on it went away, removes it.
+struct Flight<'a> {
+    flights: &'a Flights,
+    key: [u8; 32],
+    cell: Option<Arc<tokio::sync::OnceCell<Verdict>>>,
+}
+
+impl<'a> Flight<'a> {
+    fn join(flights: &'a Flights, key: [u8; 32]) -> Self {
+        let cell = flights
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_default()
+            .clone();
+        Self {
+            flights,
+            key,
+            cell: Some(cell),
+        }
+    }
+
+    /// The call's verdict; made by `ask` if no request is making it.
+    async fn verdict<F>(&self, ask: impl FnOnce() -> F) -> Verdict
+    where
+        F: std::future::Future<Output = Verdict>,
+    {
+        match &self.cell {
+            Some(cell) => cell.get_or_init(ask).await.clone(),
+            None => Err(StsError::Unavailable),
+        }
+    }
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(cell) = self.cell.take() {
+            // Shares are taken and given back only under the lock, so two
+            // (the map's and this one) means no other request holds it.
+            if Arc::strong_count(&cell) == 2
+                && flights
+                    .get(&self.key)
+                    .is_some_and(|c| Arc::ptr_eq(c, &cell))
+            {
+                flights.remove(&self.key);
+            }
+            drop(cell);
+        }
+    }
 }
 
 impl std::fmt::Debug for StsVerifier {
@@ -146,6 +218,8 @@ impl StsVerifier {
             fetcher: Fetcher::new(cfg.ca_file.as_deref())
                 .map_err(|e| format!("[authn.sts]: {e}"))?,
             cache: Mutex::new(HashMap::new()),
+            calls: tokio::sync::Semaphore::new(cfg.max_concurrent),
+            flights: Mutex::new(HashMap::new()),
         })
     }
 
@@ -253,10 +327,11 @@ impl StsVerifier {
         Ok((replay, host, access_key_id, until))
     }
 
-    /// Verifies a token: prechecks, cache, then STS.
-    pub async fn verify(&self, token: &str) -> Result<StsIdentity, StsError> {
+    /// Verifies a token: prechecks, cache, then STS (one call for every
+    /// request that carries this token meanwhile).
+    pub async fn verify(&self, token: &str) -> Verdict {
         let now = SystemTime::now();
-        let (replay, host, access_key_id, until) = self.precheck(token, now)?;
+        let checked = self.precheck(token, now)?;
         let mut key = [0u8; 32];
         key.copy_from_slice(
             aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()).as_ref(),
@@ -266,6 +341,21 @@ impl StsVerifier {
                 return Ok(id);
             }
         }
+        Flight::join(&self.flights, key)
+            .verdict(|| self.ask(checked, key, now))
+            .await
+    }
+
+    /// Replays a prechecked token to STS and caches what it says.
+    async fn ask(
+        &self,
+        (replay, host, access_key_id, until): (Uri, String, String, SystemTime),
+        key: [u8; 32],
+        now: SystemTime,
+    ) -> Verdict {
+        let Ok(_call) = self.calls.try_acquire() else {
+            return Err(StsError::Busy);
+        };
         let headers = [
             (self.audience_header.as_str(), self.audience.as_str()),
             ("accept", "application/json"),
@@ -399,6 +489,168 @@ mod tests {
             let err = v.precheck(&token(&url), now).unwrap_err().to_string();
             assert!(err.contains(why), "{why}: {err}");
         }
+    }
+
+    /// An STS on loopback that counts the calls it gets and answers them
+    /// only once opened.
+    struct GatedSts {
+        url: String,
+        arrived: tokio::sync::mpsc::UnboundedReceiver<()>,
+        open: tokio::sync::watch::Sender<bool>,
+    }
+
+    impl GatedSts {
+        async fn start() -> Self {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let (arrive, arrived) = tokio::sync::mpsc::unbounded_channel();
+            let (open, opened) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                while let Ok((mut conn, _)) = listener.accept().await {
+                    let arrive = arrive.clone();
+                    let mut opened = opened.clone();
+                    tokio::spawn(async move {
+                        let mut head = Vec::new();
+                        let mut buf = [0u8; 1024];
+                        while !head.ends_with(b"\r\n\r\n") {
+                            match conn.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let _ = arrive.send(());
+                        let _ = opened.wait_for(|o| *o).await;
+                        let body = r#"{"GetCallerIdentityResponse":{"GetCallerIdentityResult":{"Arn":"arn:aws:iam::123456789012:user/alice"}}}"#;
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = conn.write_all(answer.as_bytes()).await;
+                    });
+                }
+            });
+            Self { url, arrived, open }
+        }
+
+        fn verifier(&self, max_concurrent: usize) -> Arc<StsVerifier> {
+            let cfg = crate::config::Config::from_toml_str(
+                &format!(
+                    "[authn.sts]\nendpoint = \"{}\"\nmax_concurrent = {max_concurrent}\n",
+                    self.url
+                ),
+                std::path::Path::new("t"),
+                std::iter::empty(),
+            )
+            .unwrap();
+            Arc::new(StsVerifier::new(cfg.authn.sts.as_ref().unwrap(), "orders").unwrap())
+        }
+
+        /// A token for this STS, told apart from others by its signature.
+        fn token(&self, signature: &str) -> String {
+            let fmt =
+                time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+            let date = time::OffsetDateTime::now_utc().format(&fmt).unwrap();
+            token(&format!(
+                "{}/?Action=GetCallerIdentity&Version=2011-06-15&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKID%2F20260101%2Fus-east-1%2Fsts%2Faws4_request&X-Amz-Date={date}&X-Amz-Expires=60&X-Amz-SignedHeaders=host%3Bx-k8s-aws-id&X-Amz-Signature={signature}",
+                self.url
+            ))
+        }
+
+        /// Waits until `n` more calls have reached STS.
+        async fn calls(&mut self, n: usize) {
+            for _ in 0..n {
+                self.arrived.recv().await.unwrap();
+            }
+        }
+
+        /// How many calls reached STS and were not yet counted.
+        fn uncounted(&mut self) -> usize {
+            std::iter::from_fn(|| self.arrived.try_recv().ok()).count()
+        }
+    }
+
+    fn sharing(v: &StsVerifier, token: &str) -> usize {
+        let key = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        let flights = v.flights.lock().unwrap();
+        flights
+            .iter()
+            .find(|(k, _)| k.as_slice() == key.as_ref())
+            .map_or(0, |(_, cell)| Arc::strong_count(cell) - 1)
+    }
+
+    #[tokio::test]
+    async fn requests_carrying_one_token_at_once_share_one_call() {
+        let mut sts = GatedSts::start().await;
+        let v = sts.verifier(64);
+        let token = sts.token("01");
+        let all = tokio::spawn({
+            let (v, token) = (v.clone(), token.clone());
+            async move { futures_util::future::join_all((0..8).map(|_| v.verify(&token))).await }
+        });
+        sts.calls(1).await;
+        assert_eq!(
+            sharing(&v, &token),
+            8,
+            "every request waits on the one call"
+        );
+        sts.open.send_replace(true);
+        for verdict in all.await.unwrap() {
+            let id = verdict.unwrap();
+            assert_eq!(id.principal.arn, "arn:aws:iam::123456789012:user/alice");
+        }
+        assert_eq!(sts.uncounted(), 0, "STS was asked once");
+        assert!(
+            v.flights.lock().unwrap().is_empty(),
+            "the call is forgotten"
+        );
+        // Answered, the token is cached: no call at all.
+        v.verify(&token).await.unwrap();
+        assert_eq!(sts.uncounted(), 0);
+    }
+
+    #[tokio::test]
+    async fn past_max_concurrent_a_new_token_is_refused_at_once() {
+        let mut sts = GatedSts::start().await;
+        let v = sts.verifier(2);
+        let under_way = ["01", "02"].map(|sig| {
+            let (v, token) = (v.clone(), sts.token(sig));
+            tokio::spawn(async move { v.verify(&token).await })
+        });
+        sts.calls(2).await;
+        let third = sts.token("03");
+        assert_eq!(v.verify(&third).await.unwrap_err(), StsError::Busy);
+        assert_eq!(sts.uncounted(), 0, "the third token was not sent to STS");
+        sts.open.send_replace(true);
+        for call in under_way {
+            call.await.unwrap().unwrap();
+        }
+        // With the calls done, the same third token gets its call.
+        v.verify(&third).await.unwrap();
+        assert_eq!(sts.uncounted(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_call_every_request_left_is_forgotten_and_frees_its_slot() {
+        let mut sts = GatedSts::start().await;
+        let v = sts.verifier(1);
+        let token = sts.token("01");
+        let left = tokio::spawn({
+            let (v, token) = (v.clone(), token.clone());
+            async move { v.verify(&token).await }
+        });
+        sts.calls(1).await;
+        assert_eq!(sharing(&v, &token), 1);
+        left.abort();
+        assert!(left.await.unwrap_err().is_cancelled());
+        assert!(
+            v.flights.lock().unwrap().is_empty(),
+            "no call is left behind"
+        );
+        sts.open.send_replace(true);
+        // The one slot is free again, and the token gets a call of its own.
+        v.verify(&token).await.unwrap();
+        assert_eq!(sts.uncounted(), 1);
     }
 
     #[test]
