@@ -152,10 +152,13 @@ pub struct App {
 impl App {
     /// Loads `cfg` and binds the proxy and admin listeners.
     pub async fn bind(cfg: Config, log: DecisionLog) -> Result<Self, String> {
-        let loaded = load(&cfg)?;
+        let mut loaded = load(&cfg)?;
         seed_rng()?;
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::register(&mut registry));
+        if let Some(sts) = loaded.authn.sts.as_mut() {
+            sts.record_to(metrics.sts_calls.clone());
+        }
         registry.register_collector(Box::new(crate::process::ProcessCollector::new()));
         registry.register(
             "warden_decision_log_dropped",

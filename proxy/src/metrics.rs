@@ -85,6 +85,7 @@ pub struct Metrics {
     pub policy_loaded: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub jwks_refresh: Family<IssuerLabels, Counter>,
     pub jwks_age: Family<IssuerOnly, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub sts_calls: Family<ResultLabels, Counter>,
     pub tls_handshake_errors: Counter,
     pub upstream_errors: Family<KindLabels, Counter>,
     pub connections_active: Gauge,
@@ -127,6 +128,7 @@ impl Metrics {
             policy_loaded: Gauge::default(),
             jwks_refresh: Family::default(),
             jwks_age: Family::default(),
+            sts_calls: Family::default(),
             tls_handshake_errors: Counter::default(),
             upstream_errors: Family::default(),
             connections_active: Gauge::default(),
@@ -186,6 +188,11 @@ impl Metrics {
             "warden_jwks_age_seconds",
             "Age of each issuer's current key set (absent until first loaded)",
             m.jwks_age.clone(),
+        );
+        registry.register(
+            "warden_sts_calls",
+            "Calls to STS for tokens not cached, by result (present when STS is configured)",
+            m.sts_calls.clone(),
         );
         registry.register(
             "warden_tls_handshake_errors",

@@ -180,11 +180,24 @@ class KeyServer:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
+# What STS answers a presigned GetCallerIdentity whose signature does not match.
+REFUSAL = b"""<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+  <Error>
+    <Type>Sender</Type>
+    <Code>SignatureDoesNotMatch</Code>
+    <Message>The request signature we calculated does not match the signature you provided.</Message>
+  </Error>
+  <RequestId>0b8f3e9a-6d1c-4c57-9d5e-2f0e7a1b3c4d</RequestId>
+</ErrorResponse>
+"""
+
+
 class MotoSts:
     """moto's STS backend on a loopback port. moto reads the caller's access
     key only from an Authorization header, so presigned GETs get one made
     from their X-Amz-Credential. Counts requests; can be switched off (503),
-    or held (`gate` cleared) so that calls stay under way until it is set."""
+    made to refuse every token as STS refuses a bad signature (403), or held
+    (`gate` cleared) so that calls stay under way until it is set."""
 
     def __init__(self):
         import urllib.parse
@@ -194,6 +207,7 @@ class MotoSts:
         app = create_backend_app("sts")
         self.requests = 0
         self.up = True
+        self.refusing = False
         self.gate = threading.Event()
         self.gate.set()
         self.counted = threading.Condition()
@@ -211,6 +225,9 @@ class MotoSts:
                 if not outer.up:
                     start_response("503 Service Unavailable", [("content-length", "0")])
                     return [b""]
+                if outer.refusing:
+                    start_response("403 Forbidden", [("content-type", "text/xml")])
+                    return [REFUSAL]
             if cred and "HTTP_AUTHORIZATION" not in environ:
                 environ["HTTP_AUTHORIZATION"] = (
                     f"AWS4-HMAC-SHA256 Credential={cred}, SignedHeaders=host, Signature=0")
@@ -343,6 +360,13 @@ principal = "arn:aws:iam::123456789012:role/order-service-role"
         conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=10)
         conn.request("GET", "/metrics")
         return conn.getresponse().read().decode()
+
+    def metric(self, prefix):
+        """The value of the first series starting with `prefix`; 0 if none."""
+        for line in self.metrics().splitlines():
+            if line.startswith(prefix):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
 
     def stop(self):
         self.proc.terminate()

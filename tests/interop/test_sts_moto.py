@@ -51,9 +51,21 @@ def call(env, token, path="/api/orders/1"):
     return env.send("GET", path, {"Authorization": f"Bearer {token}"})
 
 
+def calls(env, result):
+    return env.warden.metric(f'warden_sts_calls_total{{result="{result}"}} ')
+
+
+def test_every_sts_result_is_exported_from_start_up(strict):
+    # A second warden, asked nothing yet: each result's series is there at 0.
+    metrics = strict.metrics()
+    for result in ["ok", "rejected", "unavailable", "busy"]:
+        assert f'warden_sts_calls_total{{result="{result}"}} 0' in metrics, metrics
+
+
 def test_assumed_role_token_becomes_the_role(env, creds):
     env.upstream.drain()
     before = env.sts.requests
+    ok = calls(env, "ok")
     token = mint(env, creds)
     status, body = call(env, token)
     assert status == 200, body
@@ -61,6 +73,7 @@ def test_assumed_role_token_becomes_the_role(env, creds):
     assert seen["headers"]["x-amzn-lattice-identity"] == (
         f"Principal={ROLE}; PrincipalOrgID=o-exampleorgid; SessionName=checkout-7d4b9c; Type=AWS_IAM")
     assert env.sts.requests == before + 1
+    assert calls(env, "ok") == ok + 1
     assert env.sts.last_audience == "orders", "warden sends its own audience to STS"
     # The verdict is cached: the same token again costs no STS call.
     status, _ = call(env, token)
@@ -116,11 +129,13 @@ def test_refused_without_asking_sts(env, creds, what):
 def test_sts_down_is_503(env):
     # Fresh credentials: a token identical to an earlier one would be cached.
     creds = assume(env, "outage")
+    unavailable = calls(env, "unavailable")
     env.sts.up = False
     try:
         status, body = call(env, mint(env, creds))
         assert status == 503, body
         assert body["error"] == "unavailable"
+        assert calls(env, "unavailable") == unavailable + 1
     finally:
         env.sts.up = True
     # A failure is not cached as a success, nor as a failure: the same kind of
@@ -129,11 +144,30 @@ def test_sts_down_is_503(env):
     assert status == 200, body
 
 
+def test_a_token_sts_refuses_is_401_and_not_cached(env):
+    token = mint(env, assume(env, "refused"))
+    rejected = calls(env, "rejected")
+    env.sts.refusing = True
+    try:
+        status, body = call(env, token)
+        assert status == 401, body
+        assert body["reason"] == "sts rejected the token", body
+        assert calls(env, "rejected") == rejected + 1
+    finally:
+        env.sts.refusing = False
+    # The refusal was not remembered: the same token is asked about again.
+    before = env.sts.requests
+    status, body = call(env, token)
+    assert status == 200, body
+    assert env.sts.requests == before + 1
+
+
 def test_past_max_concurrent_sts_calls_a_new_token_is_503_at_once(env):
     # `max_concurrent = 2`: two calls held at STS fill it; a third token is
     # refused without being sent, and gets its call once the two are done.
     tokens = [mint(env, assume(env, f"burst-{i}")) for i in range(3)]
     before = env.sts.requests
+    busy = calls(env, "busy")
     env.sts.gate.clear()
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -143,6 +177,7 @@ def test_past_max_concurrent_sts_calls_a_new_token_is_503_at_once(env):
             assert status == 503, body
             assert (body["error"], body["reason"]) == ("unavailable", "too many sts calls in progress")
             assert env.sts.requests == before + 2, "the third token was sent to STS"
+            assert calls(env, "busy") == busy + 1
             env.sts.gate.set()
             assert [f.result()[0] for f in held] == [200, 200]
     finally:

@@ -247,13 +247,6 @@ def https_get(env, port, path="/api/orders/42"):
     return status
 
 
-def metric(w, prefix):
-    for line in w.metrics().splitlines():
-        if line.startswith(prefix):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def open_idle(port, n):
     socks = []
     for _ in range(n):
@@ -276,12 +269,12 @@ def test_ten_thousand_idle_connections_do_not_stop_a_new_client(env):
     try:
         socks = open_idle(w.port, IDLE)
         deadline = time.monotonic() + 30
-        while metric(w, "warden_connections_active ") < IDLE:
-            assert time.monotonic() < deadline, metric(w, "warden_connections_active ")
+        while w.metric("warden_connections_active ") < IDLE:
+            assert time.monotonic() < deadline, w.metric("warden_connections_active ")
             time.sleep(0.05)
         # Every idle connection is held, and a new client is still served.
         assert https_get(env, w.port) == 200
-        assert metric(w, "warden_connections_refused_total ") == 0
+        assert w.metric("warden_connections_refused_total ") == 0
     finally:
         for s in socks:
             s.close()
@@ -295,10 +288,10 @@ def test_connections_past_max_connections_are_refused_cleanly(env):
     try:
         socks = open_idle(w.port, 300)
         deadline = time.monotonic() + 30
-        while metric(w, "warden_connections_refused_total ") < 200:
+        while w.metric("warden_connections_refused_total ") < 200:
             assert time.monotonic() < deadline, w.metrics()
             time.sleep(0.05)
-        assert metric(w, "warden_connections_active ") == 100
+        assert w.metric("warden_connections_active ") == 100
         # A client past the limit is closed at once, not queued.
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
             https_get(env, w.port)

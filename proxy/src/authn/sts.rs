@@ -23,11 +23,14 @@ use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use http::{StatusCode, Uri};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 use super::jwks::Fetcher;
 use super::sigv4::parse_amz_date;
 use super::AwsPrincipal;
 use crate::config::{check_fetch_url, StsConfig};
+use crate::metrics::ResultLabels;
 
 pub const PREFIX: &str = "k8s-aws-v1.";
 /// Largest token accepted (prefix included).
@@ -38,6 +41,11 @@ const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 const TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_RESPONSE: usize = 64 * 1024;
 const CACHE_ENTRIES: usize = 10_000;
+
+/// The `result` label of `warden_sts_calls_total`: STS answered 200, STS
+/// answered another 4xx, STS could not be reached or was overloaded (5xx,
+/// 429, time-out), or no call was made because `max_concurrent` were under way.
+pub const STS_RESULTS: [&str; 4] = ["ok", "rejected", "unavailable", "busy"];
 
 const ALLOWED_PARAMS: [&str; 9] = [
     "Action",
@@ -103,7 +111,9 @@ pub struct StsVerifier {
     fetcher: Fetcher,
     cache: Mutex<HashMap<[u8; 32], (StsIdentity, SystemTime)>>,
     /// One permit per STS call under way.
-    calls: tokio::sync::Semaphore,
+    slots: tokio::sync::Semaphore,
+    /// `warden_sts_calls_total`, by result.
+    outcomes: Family<ResultLabels, Counter>,
     flights: Flights,
 }
 
@@ -218,7 +228,8 @@ impl StsVerifier {
             fetcher: Fetcher::new(cfg.ca_file.as_deref())
                 .map_err(|e| format!("[authn.sts]: {e}"))?,
             cache: Mutex::new(HashMap::new()),
-            calls: tokio::sync::Semaphore::new(cfg.max_concurrent),
+            slots: tokio::sync::Semaphore::new(cfg.max_concurrent),
+            outcomes: Family::default(),
             flights: Mutex::new(HashMap::new()),
         })
     }
@@ -346,6 +357,18 @@ impl StsVerifier {
             .await
     }
 
+    /// Counts calls in `outcomes` (which starts at zero for each result).
+    pub fn record_to(&mut self, outcomes: Family<ResultLabels, Counter>) {
+        for result in STS_RESULTS {
+            let _ = outcomes.get_or_create(&ResultLabels { result });
+        }
+        self.outcomes = outcomes;
+    }
+
+    fn count(&self, result: &'static str) {
+        self.outcomes.get_or_create(&ResultLabels { result }).inc();
+    }
+
     /// Replays a prechecked token to STS and caches what it says.
     async fn ask(
         &self,
@@ -353,7 +376,8 @@ impl StsVerifier {
         key: [u8; 32],
         now: SystemTime,
     ) -> Verdict {
-        let Ok(_call) = self.calls.try_acquire() else {
+        let Ok(_slot) = self.slots.try_acquire() else {
+            self.count("busy");
             return Err(StsError::Busy);
         };
         let headers = [
@@ -369,19 +393,24 @@ impl StsVerifier {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "sts request failed");
+                self.count("unavailable");
                 return Err(StsError::Unavailable);
             }
             Err(_) => {
                 tracing::warn!("sts request timed out");
+                self.count("unavailable");
                 return Err(StsError::Unavailable);
             }
         };
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            self.count("unavailable");
             return Err(StsError::Unavailable);
         }
         if status != StatusCode::OK {
+            self.count("rejected");
             return Err(StsError::Rejected);
         }
+        self.count("ok");
         let arn = caller_arn(&body).ok_or(StsError::Rejected)?;
         let principal = AwsPrincipal::from_arn(&arn).map_err(|_| StsError::Principal)?;
         let identity = StsIdentity {
@@ -543,7 +572,9 @@ mod tests {
                 std::iter::empty(),
             )
             .unwrap();
-            Arc::new(StsVerifier::new(cfg.authn.sts.as_ref().unwrap(), "orders").unwrap())
+            let mut v = StsVerifier::new(cfg.authn.sts.as_ref().unwrap(), "orders").unwrap();
+            v.record_to(Family::default());
+            Arc::new(v)
         }
 
         /// A token for this STS, told apart from others by its signature.
@@ -568,6 +599,10 @@ mod tests {
         fn uncounted(&mut self) -> usize {
             std::iter::from_fn(|| self.arrived.try_recv().ok()).count()
         }
+    }
+
+    fn counted(v: &StsVerifier, result: &'static str) -> u64 {
+        v.outcomes.get_or_create(&ResultLabels { result }).get()
     }
 
     fn sharing(v: &StsVerifier, token: &str) -> usize {
@@ -600,6 +635,7 @@ mod tests {
             assert_eq!(id.principal.arn, "arn:aws:iam::123456789012:user/alice");
         }
         assert_eq!(sts.uncounted(), 0, "STS was asked once");
+        assert_eq!(counted(&v, "ok"), 1);
         assert!(
             v.flights.lock().unwrap().is_empty(),
             "the call is forgotten"
@@ -621,6 +657,7 @@ mod tests {
         let third = sts.token("03");
         assert_eq!(v.verify(&third).await.unwrap_err(), StsError::Busy);
         assert_eq!(sts.uncounted(), 0, "the third token was not sent to STS");
+        assert_eq!(counted(&v, "busy"), 1);
         sts.open.send_replace(true);
         for call in under_way {
             call.await.unwrap().unwrap();
@@ -628,6 +665,7 @@ mod tests {
         // With the calls done, the same third token gets its call.
         v.verify(&third).await.unwrap();
         assert_eq!(sts.uncounted(), 1);
+        assert_eq!((counted(&v, "ok"), counted(&v, "busy")), (3, 1));
     }
 
     #[tokio::test]
