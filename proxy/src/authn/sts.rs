@@ -14,8 +14,8 @@
 //! a token that passes the local checks. So requests carrying the same token
 //! at once share one call, and at most `max_concurrent` calls are under way:
 //! a token that would need one more is refused with 503 at once rather than
-//! queued, so a flood of made-up tokens holds no more than that many of the
-//! request slots other callers need.
+//! queued, so made-up tokens cost STS no more than that many calls at a time
+//! and do not pile up waiting for one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
