@@ -313,7 +313,8 @@ impl Fetcher {
     }
 
     /// One GET to `uri`'s host and port with the given `host` header and
-    /// extra headers; never follows redirects; reads at most `max` bytes.
+    /// extra headers, on a connection of its own; never follows redirects;
+    /// reads at most `max` bytes.
     pub async fn request(
         &self,
         uri: &Uri,
@@ -321,6 +322,13 @@ impl Fetcher {
         extra: &[(&str, &str)],
         max: usize,
     ) -> Result<(StatusCode, http::HeaderMap, Bytes), String> {
+        let mut conn = self.connect(uri).await?;
+        Self::send(&mut conn, uri, host, extra, max).await
+    }
+
+    /// Opens an HTTP/1.1 connection to `uri`'s host and port (TLS for
+    /// `https`, verified for that host).
+    pub async fn connect(&self, uri: &Uri) -> Result<Connection, String> {
         let url = uri.to_string();
         let target = uri.host().ok_or_else(|| format!("`{url}` has no host"))?;
         let https = uri.scheme_str() == Some("https");
@@ -333,6 +341,29 @@ impl Fetcher {
             .await
             .map_err(|e| format!("`{url}`: {e}"))?;
         let _ = tcp.set_nodelay(true);
+        if https {
+            let name = ServerName::try_from(bare).map_err(|e| format!("`{url}`: {e}"))?;
+            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("`{url}`: {e}"))?;
+            handshake(TokioIo::new(tls)).await
+        } else {
+            handshake(TokioIo::new(tcp)).await
+        }
+        .map_err(|e| format!("`{url}`: {e}"))
+    }
+
+    /// One GET for `uri`'s path and query on `conn`, with the given `host`
+    /// header and extra headers; reads at most `max` bytes of the answer.
+    pub async fn send(
+        conn: &mut Connection,
+        uri: &Uri,
+        host: &str,
+        extra: &[(&str, &str)],
+        max: usize,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), String> {
+        let url = uri.to_string();
         let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
         let mut req = Request::get(path).header(header::HOST, host);
         for (k, v) in extra {
@@ -341,17 +372,11 @@ impl Fetcher {
         let req = req
             .body(Empty::<Bytes>::new())
             .map_err(|e| format!("`{url}`: {e}"))?;
-        let rsp = if https {
-            let name = ServerName::try_from(bare).map_err(|e| format!("`{url}`: {e}"))?;
-            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("`{url}`: {e}"))?;
-            send(TokioIo::new(tls), req).await
-        } else {
-            send(TokioIo::new(tcp), req).await
-        }
-        .map_err(|e| format!("`{url}`: {e}"))?;
+        conn.ready().await.map_err(|e| format!("`{url}`: {e}"))?;
+        let rsp = conn
+            .send_request(req)
+            .await
+            .map_err(|e| format!("`{url}`: {e}"))?;
         let (parts, body) = rsp.into_parts();
         let body = Limited::new(body, max)
             .collect()
@@ -362,16 +387,17 @@ impl Fetcher {
     }
 }
 
-async fn send<IO>(
-    io: TokioIo<IO>,
-    req: Request<Empty<Bytes>>,
-) -> Result<http::Response<hyper::body::Incoming>, hyper::Error>
+/// An HTTP/1.1 client connection a [`Fetcher`] opened; its I/O runs on a
+/// task of its own until it closes or every handle to it is dropped.
+pub type Connection = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn handshake<IO>(io: TokioIo<IO>) -> Result<Connection, hyper::Error>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(io).await?;
+    let (tx, conn) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(conn);
-    tx.send_request(req).await
+    Ok(tx)
 }
 
 /// `max-age=N` from a `cache-control` value.

@@ -16,17 +16,23 @@
 //! a token that would need one more is refused with 503 at once rather than
 //! queued, so made-up tokens cost STS no more than that many calls at a time
 //! and do not pile up waiting for one.
+//!
+//! Calls go out on kept-alive connections to the endpoint (a few, idle for
+//! less than [`IDLE_FOR`]), so a call costs one round trip, not a TCP and
+//! TLS handshake as well. A call that fails on a kept connection is made
+//! again once on a new one: GetCallerIdentity changes nothing, so asking
+//! twice is safe.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use http::{StatusCode, Uri};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
-use super::jwks::Fetcher;
+use super::jwks::{Connection, Fetcher};
 use super::sigv4::parse_amz_date;
 use super::AwsPrincipal;
 use crate::config::{check_fetch_url, StsConfig};
@@ -41,6 +47,11 @@ const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 const TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_RESPONSE: usize = 64 * 1024;
 const CACHE_ENTRIES: usize = 10_000;
+/// Idle connections to the endpoint kept for the next calls.
+const MAX_IDLE: usize = 8;
+/// A connection idle for longer is not used again: the endpoint may be
+/// closing it (load balancers in front of AWS endpoints close after 60 s).
+pub const IDLE_FOR: Duration = Duration::from_secs(20);
 
 /// The `result` label of `warden_sts_calls_total`: STS answered 200, STS
 /// answered another 4xx, STS could not be reached or was overloaded (5xx,
@@ -115,6 +126,9 @@ pub struct StsVerifier {
     /// `warden_sts_calls_total`, by result.
     outcomes: Family<ResultLabels, Counter>,
     flights: Flights,
+    /// Kept-alive connections to the endpoint, most recently used last.
+    /// Held only to push or pop, never across an await.
+    idle: Mutex<Vec<(Connection, Instant)>>,
 }
 
 type Verdict = Result<StsIdentity, StsError>;
@@ -231,6 +245,7 @@ impl StsVerifier {
             slots: tokio::sync::Semaphore::new(cfg.max_concurrent),
             outcomes: Family::default(),
             flights: Mutex::new(HashMap::new()),
+            idle: Mutex::new(Vec::new()),
         })
     }
 
@@ -384,11 +399,7 @@ impl StsVerifier {
             (self.audience_header.as_str(), self.audience.as_str()),
             ("accept", "application/json"),
         ];
-        let answer = tokio::time::timeout(
-            TIMEOUT,
-            self.fetcher.request(&replay, &host, &headers, MAX_RESPONSE),
-        )
-        .await;
+        let answer = tokio::time::timeout(TIMEOUT, self.call(&replay, &host, &headers)).await;
         let (status, _, body) = match answer {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => {
@@ -427,6 +438,47 @@ impl StsVerifier {
             cache.insert(key, (identity.clone(), until.min(now + self.cache_ttl)));
         }
         Ok(identity)
+    }
+
+    /// One GET to STS: on a kept connection if there is one, else (or if
+    /// that one fails) on a new one, which is kept afterwards.
+    async fn call(
+        &self,
+        replay: &Uri,
+        host: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(StatusCode, http::HeaderMap, bytes::Bytes), String> {
+        if let Some(mut conn) = self.take_idle() {
+            if let Ok(answer) = Fetcher::send(&mut conn, replay, host, headers, MAX_RESPONSE).await
+            {
+                self.keep(conn);
+                return Ok(answer);
+            }
+        }
+        let mut conn = self.fetcher.connect(replay).await?;
+        let answer = Fetcher::send(&mut conn, replay, host, headers, MAX_RESPONSE).await?;
+        self.keep(conn);
+        Ok(answer)
+    }
+
+    /// The most recently used idle connection still open and idle for less
+    /// than [`IDLE_FOR`]; older ones are closed.
+    fn take_idle(&self) -> Option<Connection> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        idle.retain(|(conn, since)| !conn.is_closed() && now.duration_since(*since) < IDLE_FOR);
+        idle.pop().map(|(conn, _)| conn)
+    }
+
+    /// Keeps a connection whose answer was read whole, if there is room.
+    fn keep(&self, conn: Connection) {
+        if conn.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE {
+            idle.push((conn, Instant::now()));
+        }
     }
 }
 
@@ -520,46 +572,89 @@ mod tests {
         }
     }
 
-    /// An STS on loopback that counts the calls it gets and answers them
-    /// only once opened.
+    /// How the STS stand-in ends a connection.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Ending {
+        /// After one answer, which says `connection: close`.
+        Announced,
+        /// Never: it answers every request the connection brings.
+        KeptAlive,
+        /// After one answer that does not say so.
+        Unannounced,
+        /// On the connection's second request, which gets no answer.
+        Unanswered,
+    }
+
+    /// An STS on loopback that counts the calls it gets and the
+    /// connections they came on, and answers only once opened.
     struct GatedSts {
         url: String,
         arrived: tokio::sync::mpsc::UnboundedReceiver<()>,
         open: tokio::sync::watch::Sender<bool>,
+        connections: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl GatedSts {
         async fn start() -> Self {
+            Self::ending(Ending::Announced).await
+        }
+
+        async fn ending(ending: Ending) -> Self {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let url = format!("http://{}", listener.local_addr().unwrap());
             let (arrive, arrived) = tokio::sync::mpsc::unbounded_channel();
             let (open, opened) = tokio::sync::watch::channel(false);
+            let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let accepted = connections.clone();
             tokio::spawn(async move {
                 while let Ok((mut conn, _)) = listener.accept().await {
+                    accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let arrive = arrive.clone();
                     let mut opened = opened.clone();
                     tokio::spawn(async move {
-                        let mut head = Vec::new();
-                        let mut buf = [0u8; 1024];
-                        while !head.ends_with(b"\r\n\r\n") {
-                            match conn.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                        for served in 0.. {
+                            let mut head = Vec::new();
+                            let mut buf = [0u8; 1024];
+                            while !head.ends_with(b"\r\n\r\n") {
+                                match conn.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                                }
+                            }
+                            let _ = arrive.send(());
+                            if ending == Ending::Unanswered && served > 0 {
+                                return;
+                            }
+                            let _ = opened.wait_for(|o| *o).await;
+                            let body = r#"{"GetCallerIdentityResponse":{"GetCallerIdentityResult":{"Arn":"arn:aws:iam::123456789012:user/alice"}}}"#;
+                            let close = if ending == Ending::Announced {
+                                "connection: close\r\n"
+                            } else {
+                                ""
+                            };
+                            let answer = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{close}\r\n{body}",
+                                body.len()
+                            );
+                            let last = matches!(ending, Ending::Announced | Ending::Unannounced);
+                            if conn.write_all(answer.as_bytes()).await.is_err() || last {
+                                return;
                             }
                         }
-                        let _ = arrive.send(());
-                        let _ = opened.wait_for(|o| *o).await;
-                        let body = r#"{"GetCallerIdentityResponse":{"GetCallerIdentityResult":{"Arn":"arn:aws:iam::123456789012:user/alice"}}}"#;
-                        let answer = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
-                        let _ = conn.write_all(answer.as_bytes()).await;
                     });
                 }
             });
-            Self { url, arrived, open }
+            Self {
+                url,
+                arrived,
+                open,
+                connections,
+            }
+        }
+
+        fn connections(&self) -> usize {
+            self.connections.load(std::sync::atomic::Ordering::SeqCst)
         }
 
         fn verifier(&self, max_concurrent: usize) -> Arc<StsVerifier> {
@@ -689,6 +784,63 @@ mod tests {
         // The one slot is free again, and the token gets a call of its own.
         v.verify(&token).await.unwrap();
         assert_eq!(sts.uncounted(), 1);
+    }
+
+    #[tokio::test]
+    async fn calls_go_out_on_a_kept_alive_connection() {
+        let mut sts = GatedSts::ending(Ending::KeptAlive).await;
+        sts.open.send_replace(true);
+        let v = sts.verifier(64);
+        for sig in ["01", "02", "03"] {
+            v.verify(&sts.token(sig)).await.unwrap();
+        }
+        assert_eq!(sts.uncounted(), 3, "three tokens, three calls");
+        assert_eq!(sts.connections(), 1, "all on one connection");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_endpoint_closed_is_not_the_end_of_a_call() {
+        for ending in [Ending::Announced, Ending::Unannounced] {
+            let mut sts = GatedSts::ending(ending).await;
+            sts.open.send_replace(true);
+            let v = sts.verifier(64);
+            for sig in ["01", "02", "03"] {
+                v.verify(&sts.token(sig)).await.unwrap();
+            }
+            assert_eq!(sts.uncounted(), 3);
+            assert_eq!(sts.connections(), 3, "a connection is opened for each");
+        }
+        // A kept connection that fails under a call: the call is made again
+        // on a new one. Each connection answers its first request only.
+        let mut sts = GatedSts::ending(Ending::Unanswered).await;
+        sts.open.send_replace(true);
+        let v = sts.verifier(64);
+        for sig in ["01", "02", "03"] {
+            v.verify(&sts.token(sig)).await.unwrap();
+        }
+        assert_eq!(
+            sts.uncounted(),
+            5,
+            "the second and third calls went out twice"
+        );
+        assert_eq!(sts.connections(), 3);
+        assert_eq!(counted(&v, "ok"), 3);
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_too_long_is_not_used_again() {
+        let mut sts = GatedSts::ending(Ending::KeptAlive).await;
+        sts.open.send_replace(true);
+        let v = sts.verifier(64);
+        v.verify(&sts.token("01")).await.unwrap();
+        let stale = Instant::now().checked_sub(IDLE_FOR).unwrap();
+        for (_, since) in v.idle.lock().unwrap().iter_mut() {
+            *since = stale;
+        }
+        v.verify(&sts.token("02")).await.unwrap();
+        assert_eq!(sts.uncounted(), 2);
+        assert_eq!(sts.connections(), 2);
+        assert_eq!(v.idle.lock().unwrap().len(), 1, "the stale one was closed");
     }
 
     #[test]
