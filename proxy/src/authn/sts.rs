@@ -353,20 +353,25 @@ impl StsVerifier {
         Ok((replay, host, access_key_id, until))
     }
 
-    /// Verifies a token: prechecks, cache, then STS (one call for every
+    /// Verifies a token: cache, prechecks, then STS (one call for every
     /// request that carries this token meanwhile).
     pub async fn verify(&self, token: &str) -> Verdict {
         let now = SystemTime::now();
-        let checked = self.precheck(token, now)?;
+        if token.len() > MAX_TOKEN {
+            return Err(StsError::Malformed("token too large"));
+        }
         let mut key = [0u8; 32];
         key.copy_from_slice(
             aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()).as_ref(),
         );
+        // A cached token passed the prechecks and STS, and its verdict
+        // expires no later than the token's window: nothing to check again.
         if let Some((id, expires)) = self.cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
             if now < expires {
                 return Ok(id);
             }
         }
+        let checked = self.precheck(token, now)?;
         Flight::join(&self.flights, key)
             .verdict(|| self.ask(checked, key, now))
             .await
@@ -674,9 +679,13 @@ mod tests {
 
         /// A token for this STS, told apart from others by its signature.
         fn token(&self, signature: &str) -> String {
+            self.token_signed_at(signature, SystemTime::now())
+        }
+
+        fn token_signed_at(&self, signature: &str, at: SystemTime) -> String {
             let fmt =
                 time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
-            let date = time::OffsetDateTime::now_utc().format(&fmt).unwrap();
+            let date = time::OffsetDateTime::from(at).format(&fmt).unwrap();
             token(&format!(
                 "{}/?Action=GetCallerIdentity&Version=2011-06-15&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKID%2F20260101%2Fus-east-1%2Fsts%2Faws4_request&X-Amz-Date={date}&X-Amz-Expires=60&X-Amz-SignedHeaders=host%3Bx-k8s-aws-id&X-Amz-Signature={signature}",
                 self.url
@@ -784,6 +793,33 @@ mod tests {
         // The one slot is free again, and the token gets a call of its own.
         v.verify(&token).await.unwrap();
         assert_eq!(sts.uncounted(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_cached_verdict_lasts_until_its_expiry_and_no_longer() {
+        let mut sts = GatedSts::start().await;
+        sts.open.send_replace(true);
+        let v = sts.verifier(64);
+        let token = sts.token("01");
+        v.verify(&token).await.unwrap();
+        v.verify(&token).await.unwrap();
+        assert_eq!(sts.uncounted(), 1, "the second time, from the cache");
+        // Past its expiry the verdict is not used: the token is asked about again.
+        let past = SystemTime::now() - Duration::from_secs(1);
+        for (_, expires) in v.cache.lock().unwrap().values_mut() {
+            *expires = past;
+        }
+        v.verify(&token).await.unwrap();
+        assert_eq!(sts.uncounted(), 1);
+        // The cache is read before the prechecks, so a verdict must not
+        // outlast its token's window, even when `cache_ttl` is longer.
+        let signed = SystemTime::now() - TOKEN_WINDOW + Duration::from_secs(30);
+        let late = sts.token_signed_at("02", signed);
+        v.verify(&late).await.unwrap();
+        let key = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, late.as_bytes());
+        let cache = v.cache.lock().unwrap();
+        let (_, expires) = cache.get(key.as_ref()).unwrap();
+        assert!(*expires <= signed + TOKEN_WINDOW);
     }
 
     #[tokio::test]
