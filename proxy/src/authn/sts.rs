@@ -537,6 +537,12 @@ mod tests {
         StsVerifier::new(cfg.authn.sts.as_ref().unwrap(), "orders").unwrap()
     }
 
+    /// `at` as `X-Amz-Date` writes it.
+    fn amz_date(at: SystemTime) -> String {
+        let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+        time::OffsetDateTime::from(at).format(&fmt).unwrap()
+    }
+
     fn token(url: &str) -> String {
         format!(
             "{PREFIX}{}",
@@ -548,11 +554,7 @@ mod tests {
     fn prechecks_refuse_before_any_network_call() {
         let v = verifier();
         let now = SystemTime::now();
-        let date = {
-            let fmt =
-                time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
-            time::OffsetDateTime::now_utc().format(&fmt).unwrap()
-        };
+        let date = amz_date(now);
         let q = format!(
             "Action=GetCallerIdentity&Version=2011-06-15&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKID%2F20260101%2Fus-east-1%2Fsts%2Faws4_request&X-Amz-Date={date}&X-Amz-Expires=60&X-Amz-SignedHeaders=host%3Bx-k8s-aws-id&X-Amz-Signature=00"
         );
@@ -602,6 +604,13 @@ mod tests {
     impl GatedSts {
         async fn start() -> Self {
             Self::ending(Ending::Announced).await
+        }
+
+        /// A stand-in that answers at once, ending connections as told.
+        async fn open(ending: Ending) -> Self {
+            let sts = Self::ending(ending).await;
+            sts.open.send_replace(true);
+            sts
         }
 
         async fn ending(ending: Ending) -> Self {
@@ -683,9 +692,7 @@ mod tests {
         }
 
         fn token_signed_at(&self, signature: &str, at: SystemTime) -> String {
-            let fmt =
-                time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
-            let date = time::OffsetDateTime::from(at).format(&fmt).unwrap();
+            let date = amz_date(at);
             token(&format!(
                 "{}/?Action=GetCallerIdentity&Version=2011-06-15&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKID%2F20260101%2Fus-east-1%2Fsts%2Faws4_request&X-Amz-Date={date}&X-Amz-Expires=60&X-Amz-SignedHeaders=host%3Bx-k8s-aws-id&X-Amz-Signature={signature}",
                 self.url
@@ -824,8 +831,7 @@ mod tests {
 
     #[tokio::test]
     async fn calls_go_out_on_a_kept_alive_connection() {
-        let mut sts = GatedSts::ending(Ending::KeptAlive).await;
-        sts.open.send_replace(true);
+        let mut sts = GatedSts::open(Ending::KeptAlive).await;
         let v = sts.verifier(64);
         for sig in ["01", "02", "03"] {
             v.verify(&sts.token(sig)).await.unwrap();
@@ -837,8 +843,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_endpoint_closed_is_not_the_end_of_a_call() {
         for ending in [Ending::Announced, Ending::Unannounced] {
-            let mut sts = GatedSts::ending(ending).await;
-            sts.open.send_replace(true);
+            let mut sts = GatedSts::open(ending).await;
             let v = sts.verifier(64);
             for sig in ["01", "02", "03"] {
                 v.verify(&sts.token(sig)).await.unwrap();
@@ -848,8 +853,7 @@ mod tests {
         }
         // A kept connection that fails under a call: the call is made again
         // on a new one. Each connection answers its first request only.
-        let mut sts = GatedSts::ending(Ending::Unanswered).await;
-        sts.open.send_replace(true);
+        let mut sts = GatedSts::open(Ending::Unanswered).await;
         let v = sts.verifier(64);
         for sig in ["01", "02", "03"] {
             v.verify(&sts.token(sig)).await.unwrap();
@@ -865,8 +869,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_idle_too_long_is_not_used_again() {
-        let mut sts = GatedSts::ending(Ending::KeptAlive).await;
-        sts.open.send_replace(true);
+        let mut sts = GatedSts::open(Ending::KeptAlive).await;
         let v = sts.verifier(64);
         v.verify(&sts.token("01")).await.unwrap();
         let stale = Instant::now().checked_sub(IDLE_FOR).unwrap();
